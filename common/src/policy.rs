@@ -22,11 +22,20 @@ pub struct Source {
 impl Source {
     /// Builds a source from a path and text.
     pub fn new(path: impl Into<String>, text: impl Into<String>) -> Self {
-        Self { path: path.into(), text: text.into() }
+        Self {
+            path: path.into(),
+            text: text.into(),
+        }
     }
 
-    fn is_rego(&self) -> bool {
+    /// Whether the file is a Rego module (the rest are data documents).
+    pub fn is_rego(&self) -> bool {
         self.path.ends_with(".rego")
+    }
+
+    /// Whether the file holds Rego tests (`*_test.rego`).
+    pub fn is_test(&self) -> bool {
+        self.path.ends_with("_test.rego")
     }
 }
 
@@ -86,7 +95,9 @@ pub struct PolicySet {
 impl std::fmt::Debug for PolicySet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let paths: Vec<&str> = self.sources.iter().map(|s| s.path.as_str()).collect();
-        f.debug_struct("PolicySet").field("sources", &paths).finish()
+        f.debug_struct("PolicySet")
+            .field("sources", &paths)
+            .finish()
     }
 }
 
@@ -95,19 +106,7 @@ impl PolicySet {
     /// document named `data.json`, `data.yaml` or `data.yml`. Folders named `testdata` and hidden
     /// entries (Kubernetes ConfigMap mounts use `..data` links) are skipped.
     pub fn load_dir(dir: &Path) -> Result<Self, PolicyError> {
-        let mut files = Vec::new();
-        collect_files(dir, dir, &mut files)?;
-        files.sort();
-        let mut sources = Vec::with_capacity(files.len());
-        for (rel, path) in files {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|source| PolicyError::Read { path: rel.clone(), source })?;
-            sources.push(Source::new(rel, text));
-        }
-        if !sources.iter().any(Source::is_rego) {
-            return Err(PolicyError::Empty(dir.display().to_string()));
-        }
-        Self::from_sources(sources)
+        Self::from_sources(read_dir(dir)?)
     }
 
     /// Compiles a set from sources held in memory (embedded defaults, tests).
@@ -116,21 +115,30 @@ impl PolicySet {
         engine.set_rego_v0(false);
         for src in &sources {
             if src.is_rego() {
-                engine.add_policy(src.path.clone(), src.text.clone()).map_err(|e| {
-                    PolicyError::Compile { path: src.path.clone(), message: one_line(&e) }
-                })?;
+                engine
+                    .add_policy(src.path.clone(), src.text.clone())
+                    .map_err(|e| PolicyError::Compile {
+                        path: src.path.clone(),
+                        message: one_line(&e),
+                    })?;
             } else {
                 let value = parse_data(src)?;
-                engine
-                    .add_data(value)
-                    .map_err(|e| PolicyError::Data { path: src.path.clone(), message: one_line(&e) })?;
+                engine.add_data(value).map_err(|e| PolicyError::Data {
+                    path: src.path.clone(),
+                    message: one_line(&e),
+                })?;
             }
         }
         // Compiling an (unused) entry point runs the analyzer over the whole set now, so that
         // conflicts and unsafe variables stop start-up instead of failing the first request.
         // The engine keeps that analysis, and every clone of it starts prepared.
-        engine.eval_query("true".to_owned(), false).map_err(|e| PolicyError::Link(one_line(&e)))?;
-        Ok(Self { engine: Arc::new(engine), sources: Arc::new(sources) })
+        engine
+            .eval_query("true".to_owned(), false)
+            .map_err(|e| PolicyError::Link(one_line(&e)))?;
+        Ok(Self {
+            engine: Arc::new(engine),
+            sources: Arc::new(sources),
+        })
     }
 
     /// The files of the set, in load order.
@@ -145,8 +153,14 @@ impl PolicySet {
         let name: regorus::Rc<str> = rule.into();
         let compiled = engine
             .compile_with_entrypoint(&name)
-            .map_err(|e| PolicyError::Eval { rule: rule.to_owned(), message: one_line(&e) })?;
-        Ok(Entrypoint { rule: rule.to_owned(), compiled })
+            .map_err(|e| PolicyError::Eval {
+                rule: rule.to_owned(),
+                message: one_line(&e),
+            })?;
+        Ok(Entrypoint {
+            rule: rule.to_owned(),
+            compiled,
+        })
     }
 
     /// Evaluates one rule with `input` on a private copy of the engine.
@@ -155,7 +169,10 @@ impl PolicySet {
         engine.set_input(input);
         engine
             .eval_rule(rule.to_owned())
-            .map_err(|e| PolicyError::Eval { rule: rule.to_owned(), message: one_line(&e) })
+            .map_err(|e| PolicyError::Eval {
+                rule: rule.to_owned(),
+                message: one_line(&e),
+            })
     }
 
     /// Runs every rule whose name starts with `test_`, like `opa test`. A test passes when it
@@ -163,7 +180,9 @@ impl PolicySet {
     pub fn run_tests(&self) -> TestReport {
         let mut outcomes = Vec::new();
         for src in self.sources.iter().filter(|s| s.is_rego()) {
-            let Some(package) = package_of(&src.text) else { continue };
+            let Some(package) = package_of(&src.text) else {
+                continue;
+            };
             for (line, name) in test_rules(&src.text) {
                 let rule = format!("data.{package}.{name}");
                 let result = match self.eval_rule(&rule, Value::new_object()) {
@@ -172,7 +191,12 @@ impl PolicySet {
                     Ok(other) => TestResult::Fail(format!("evaluated to {other}")),
                     Err(e) => TestResult::Error(e.to_string()),
                 };
-                outcomes.push(TestOutcome { file: src.path.clone(), line, rule: name, result });
+                outcomes.push(TestOutcome {
+                    file: src.path.clone(),
+                    line,
+                    rule: name,
+                    result,
+                });
             }
         }
         TestReport { outcomes }
@@ -188,7 +212,9 @@ pub struct Entrypoint {
 
 impl std::fmt::Debug for Entrypoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Entrypoint").field("rule", &self.rule).finish()
+        f.debug_struct("Entrypoint")
+            .field("rule", &self.rule)
+            .finish()
     }
 }
 
@@ -197,7 +223,10 @@ impl Entrypoint {
     pub fn eval(&self, input: Value) -> Result<Value, PolicyError> {
         self.compiled
             .eval_with_input(input)
-            .map_err(|e| PolicyError::Eval { rule: self.rule.clone(), message: one_line(&e) })
+            .map_err(|e| PolicyError::Eval {
+                rule: self.rule.clone(),
+                message: one_line(&e),
+            })
     }
 
     /// The rule this entry point evaluates.
@@ -240,7 +269,10 @@ pub struct TestReport {
 impl TestReport {
     /// Number of passing tests.
     pub fn passed(&self) -> usize {
-        self.outcomes.iter().filter(|o| o.result == TestResult::Pass).count()
+        self.outcomes
+            .iter()
+            .filter(|o| o.result == TestResult::Pass)
+            .count()
     }
 
     /// Number of failing or erroring tests.
@@ -249,12 +281,35 @@ impl TestReport {
     }
 }
 
+/// Reads every policy file under `dir` (see [`PolicySet::load_dir`]) without compiling, so that
+/// callers can filter (for example leave `_test.rego` files out of a serving set).
+pub fn read_dir(dir: &Path) -> Result<Vec<Source>, PolicyError> {
+    let mut files = Vec::new();
+    collect_files(dir, dir, &mut files)?;
+    files.sort();
+    let mut sources = Vec::with_capacity(files.len());
+    for (rel, path) in files {
+        let text = std::fs::read_to_string(&path).map_err(|source| PolicyError::Read {
+            path: rel.clone(),
+            source,
+        })?;
+        sources.push(Source::new(rel, text));
+    }
+    if !sources.iter().any(Source::is_rego) {
+        return Err(PolicyError::Empty(dir.display().to_string()));
+    }
+    Ok(sources)
+}
+
 fn collect_files(
     root: &Path,
     dir: &Path,
     out: &mut Vec<(String, PathBuf)>,
 ) -> Result<(), PolicyError> {
-    let read_err = |source| PolicyError::Read { path: dir.display().to_string(), source };
+    let read_err = |source| PolicyError::Read {
+        path: dir.display().to_string(),
+        source,
+    };
     for entry in std::fs::read_dir(dir).map_err(read_err)? {
         let entry = entry.map_err(read_err)?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -263,8 +318,10 @@ fn collect_files(
         }
         let path = entry.path();
         // `metadata` follows symlinks, which ConfigMap mounts are made of.
-        let meta = std::fs::metadata(&path)
-            .map_err(|source| PolicyError::Read { path: path.display().to_string(), source })?;
+        let meta = std::fs::metadata(&path).map_err(|source| PolicyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         if meta.is_dir() {
             if name != "testdata" {
                 collect_files(root, &path, out)?;
@@ -274,7 +331,11 @@ fn collect_files(
         let wanted = name.ends_with(".rego")
             || matches!(name.as_str(), "data.json" | "data.yaml" | "data.yml");
         if wanted {
-            let rel = path.strip_prefix(root).unwrap_or(&path).display().to_string();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
             out.push((rel, path));
         }
     }
@@ -282,7 +343,10 @@ fn collect_files(
 }
 
 fn parse_data(src: &Source) -> Result<Value, PolicyError> {
-    let err = |message: String| PolicyError::Data { path: src.path.clone(), message };
+    let err = |message: String| PolicyError::Data {
+        path: src.path.clone(),
+        message,
+    };
     let json: serde_json::Value = if src.path.ends_with(".json") {
         serde_json::from_str(&src.text).map_err(|e| err(e.to_string()))?
     } else {
@@ -310,8 +374,10 @@ fn test_rules(text: &str) -> Vec<(usize, String)> {
         if !line.starts_with("test_") {
             continue;
         }
-        let name: String =
-            line.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        let name: String = line
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
         if !found.iter().any(|(_, n)| *n == name) {
             found.push((i + 1, name));
         }
@@ -323,7 +389,10 @@ fn test_rules(text: &str) -> Vec<(usize, String)> {
 /// messages want one.
 fn one_line(e: &impl std::fmt::Display) -> String {
     let text = e.to_string();
-    let mut parts = text.lines().map(str::trim).filter(|l| !l.is_empty() && !is_caret(l));
+    let mut parts = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !is_caret(l));
     let mut out = parts.next().unwrap_or_default().to_owned();
     for p in parts {
         out.push_str(" | ");
@@ -333,7 +402,8 @@ fn one_line(e: &impl std::fmt::Display) -> String {
 }
 
 fn is_caret(line: &str) -> bool {
-    line.chars().all(|c| c == '^' || c == '|' || c == ' ' || c.is_ascii_digit())
+    line.chars()
+        .all(|c| c == '^' || c == '|' || c == ' ' || c.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -346,7 +416,9 @@ mod tests {
 
     #[test]
     fn compile_error_names_file_and_line() {
-        let err = set("package x\n\nallow if {\n  input.a ==\n}\n").unwrap_err().to_string();
+        let err = set("package x\n\nallow if {\n  input.a ==\n}\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("p/policy.rego"), "{err}");
         assert!(err.contains(":4") || err.contains(":5"), "{err}");
     }
@@ -387,7 +459,10 @@ mod tests {
             Source::new("data.yaml", "cfg:\n  n: 3\n"),
         ])
         .unwrap();
-        assert_eq!(ok.eval_rule("data.x.v", Value::new_object()).unwrap(), Value::from(3));
+        assert_eq!(
+            ok.eval_rule("data.x.v", Value::new_object()).unwrap(),
+            Value::from(3)
+        );
         let bad = PolicySet::from_sources(vec![
             Source::new("policy.rego", "package x\n"),
             Source::new("data.json", "{nope"),
@@ -410,7 +485,10 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         let empty = std::env::temp_dir().join(format!("agentvm-empty-{}", std::process::id()));
         std::fs::create_dir_all(&empty).unwrap();
-        assert!(matches!(PolicySet::load_dir(&empty), Err(PolicyError::Empty(_))));
+        assert!(matches!(
+            PolicySet::load_dir(&empty),
+            Err(PolicyError::Empty(_))
+        ));
         std::fs::remove_dir_all(&empty).unwrap();
     }
 }

@@ -18,7 +18,9 @@ pub struct Reloadable<T> {
 impl<T> Reloadable<T> {
     /// Wraps the first good value.
     pub fn new(value: T) -> Self {
-        Self { current: RwLock::new(Arc::new(value)) }
+        Self {
+            current: RwLock::new(Arc::new(value)),
+        }
     }
 
     /// The value in force now.
@@ -50,10 +52,14 @@ pub fn fingerprint(paths: &[PathBuf]) -> u64 {
 }
 
 fn hash_path(path: &Path, hasher: &mut impl Hasher) {
-    let Ok(meta) = std::fs::metadata(path) else { return };
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
     path.hash(hasher);
     if meta.is_dir() {
-        let Ok(entries) = std::fs::read_dir(path) else { return };
+        let Ok(entries) = std::fs::read_dir(path) else {
+            return;
+        };
         let mut children: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
         children.sort();
         for child in children {
@@ -140,7 +146,11 @@ mod tests {
         wait_for(|| *target.get() == 22).await;
         std::fs::write(&file, "not a number").unwrap();
         wait_for(|| events.lock().unwrap().len() == 2).await;
-        assert_eq!(*target.get(), 22, "a bad version must not replace the good one");
+        assert_eq!(
+            *target.get(),
+            22,
+            "a bad version must not replace the good one"
+        );
         assert_eq!(*events.lock().unwrap(), vec![true, false]);
         task.abort();
         std::fs::remove_dir_all(&dir).unwrap();

@@ -50,7 +50,10 @@ pub fn install_default_provider() {
 
 /// Reads a certificate chain and its private key from PEM files.
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
-    let cert_err = |message: String| TlsError::Cert { path: cert.display().to_string(), message };
+    let cert_err = |message: String| TlsError::Cert {
+        path: cert.display().to_string(),
+        message,
+    };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| cert_err(e.to_string()))?
         .collect::<Result<_, _>>()
@@ -58,11 +61,19 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
     if chain.is_empty() {
         return Err(cert_err("no PEM certificate in the file".into()));
     }
-    let key_err = |message: String| TlsError::Key { path: key.display().to_string(), message };
+    let key_err = |message: String| TlsError::Key {
+        path: key.display().to_string(),
+        message,
+    };
     let der = PrivateKeyDer::from_pem_file(key).map_err(|e| key_err(e.to_string()))?;
-    let signing = provider().key_provider.load_private_key(der).map_err(|e| key_err(e.to_string()))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| key_err(e.to_string()))?;
     let certified = CertifiedKey::new(chain, signing);
-    certified.keys_match().map_err(|e| TlsError::Config(format!("{e} (certificate {})", cert.display())))?;
+    certified
+        .keys_match()
+        .map_err(|e| TlsError::Config(format!("{e} (certificate {})", cert.display())))?;
     Ok(certified)
 }
 

@@ -1,3 +1,18 @@
-fn main() {
-    println!("Hello, world!");
+//! `agentvm`: the admission webhook (`serve`), the offline review (`review`) and the Rego test
+//! runner (`policy test`).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cli;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    if let Err(e) = agentvm_common::telemetry::init(args.log_format, &args.log_level) {
+        eprintln!("agentvm: {e}");
+        return ExitCode::from(cli::EXIT_CONFIG);
+    }
+    agentvm_common::tls::install_default_provider();
+    cli::run(args)
 }

@@ -1,0 +1,493 @@
+//! One admission review, from request to response: which path a request takes (fast path,
+//! pod update, ephemeral containers, CONNECT, or the profile itself), the policy decision, the
+//! mutation or the validation, and the answer.
+
+use std::sync::Arc;
+
+use agentvm_common::reload::Reloadable;
+use serde_json::{json, Map, Value};
+
+use crate::conformance;
+use crate::keys::KEY_PREFIX;
+use crate::mutate;
+use crate::patch;
+use crate::policies::{Decision, Policies};
+use crate::profile_name::Profile;
+use crate::review::{Operation, Request, Response};
+use crate::workload::{self, WorkloadKind};
+
+/// Which endpoint a review came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `/mutate`: fix what can be fixed, with a patch.
+    Mutate,
+    /// `/validate`: admit only what meets the profile.
+    Validate,
+}
+
+impl Mode {
+    /// `mutate` or `validate`, for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Mutate => "mutate",
+            Mode::Validate => "validate",
+        }
+    }
+}
+
+/// How a review ended, for logs and metrics (a small, fixed set of values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Allowed without looking at policy: not an agent, excluded, DELETE, a subresource.
+    Skipped,
+    /// Allowed with no change.
+    Allowed,
+    /// Allowed with a patch.
+    Patched,
+    /// Denied by policy or profile.
+    Denied,
+    /// Denied because the request or the policy evaluation is broken (fail closed).
+    Error,
+}
+
+impl Verdict {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Skipped => "skipped",
+            Verdict::Allowed => "allowed",
+            Verdict::Patched => "patched",
+            Verdict::Denied => "denied",
+            Verdict::Error => "error",
+        }
+    }
+}
+
+/// The answer and what led to it.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// What goes back to the API server.
+    pub response: Response,
+    /// How it ended.
+    pub verdict: Verdict,
+    /// The effective profile, when one was applied or checked.
+    pub profile: Option<Profile>,
+}
+
+/// What a lookup of a CONNECT target found.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The pod as the cluster has it.
+    Found(Value),
+    /// No such pod (the API server will answer 404 itself).
+    NotFound,
+    /// The lookup could not be made (no cluster access, cache not synced...).
+    Unknown(String),
+}
+
+/// Looks up the pod a CONNECT review targets. Implementations answer from a cache: reviews
+/// must not wait on the network.
+pub trait PodLookup: Send + Sync {
+    /// The pod `name` in `namespace`.
+    fn pod(&self, namespace: &str, name: &str) -> Target;
+}
+
+/// Reviews admission requests with the policies in force.
+#[derive(Clone)]
+pub struct Reviewer {
+    policies: Arc<Reloadable<Policies>>,
+    lookup: Option<Arc<dyn PodLookup>>,
+}
+
+impl std::fmt::Debug for Reviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reviewer")
+            .field("lookup", &self.lookup.is_some())
+            .finish()
+    }
+}
+
+impl Reviewer {
+    /// A reviewer over a (reloadable) policy set, with an optional pod lookup for CONNECT.
+    pub fn new(policies: Arc<Reloadable<Policies>>, lookup: Option<Arc<dyn PodLookup>>) -> Self {
+        Self { policies, lookup }
+    }
+
+    /// A reviewer over a fixed policy set and no cluster access.
+    pub fn fixed(policies: Policies) -> Self {
+        Self::new(Arc::new(Reloadable::new(policies)), None)
+    }
+
+    /// The policies in force.
+    pub fn policies(&self) -> Arc<Policies> {
+        self.policies.get()
+    }
+
+    /// Reviews one request.
+    pub fn review(&self, mode: Mode, req: &Request) -> Outcome {
+        let policies = self.policies.get();
+        let ctx = Ctx {
+            mode,
+            req,
+            policies: &policies,
+        };
+        match req.operation {
+            Operation::Delete => ctx.skip(),
+            Operation::Connect => ctx.connect(self.lookup.as_deref()),
+            Operation::Create | Operation::Update => ctx.write(),
+        }
+    }
+}
+
+struct Ctx<'a> {
+    mode: Mode,
+    req: &'a Request,
+    policies: &'a Policies,
+}
+
+impl Ctx<'_> {
+    fn skip(&self) -> Outcome {
+        Outcome {
+            response: Response::allow(&self.req.uid),
+            verdict: Verdict::Skipped,
+            profile: None,
+        }
+    }
+
+    fn deny(&self, code: u16, messages: &[String], verdict: Verdict) -> Outcome {
+        let response = Response::deny(&self.req.uid, code, messages.join("; "));
+        Outcome {
+            response,
+            verdict,
+            profile: None,
+        }
+    }
+
+    fn fail(&self, message: String) -> Outcome {
+        tracing::warn!(reason = %message, "review failed closed");
+        self.deny(500, &[message], Verdict::Error)
+    }
+
+    fn namespace(&self) -> &str {
+        if !self.req.namespace.is_empty() {
+            return &self.req.namespace;
+        }
+        self.req
+            .object()
+            .and_then(|o| o.pointer("/metadata/namespace"))
+            .and_then(Value::as_str)
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or("default")
+    }
+
+    fn excluded(&self) -> bool {
+        self.policies.settings().is_excluded(self.namespace())
+    }
+
+    fn decide(&self, input: Value) -> Result<Decision, Outcome> {
+        self.policies
+            .decide(input)
+            .map_err(|e| self.fail(format!("agentvm policy failed, denying (fail closed): {e}")))
+    }
+
+    fn input(&self, action: &str, pod: Value, workload: Value, target: Value) -> Value {
+        json!({
+            "request": self.req.raw,
+            "action": action,
+            "pod": pod,
+            "workload": workload,
+            "target": target,
+        })
+    }
+
+    /// Policy deny messages end the review; warnings come back with the decision.
+    fn decide_or_deny(&self, input: Value) -> Result<Decision, Outcome> {
+        let decision = self.decide(input)?;
+        if decision.deny.is_empty() {
+            Ok(decision)
+        } else {
+            Err(self.deny(403, &decision.deny, Verdict::Denied))
+        }
+    }
+
+    fn allow_with(&self, warnings: Vec<String>) -> Outcome {
+        let mut response = Response::allow(&self.req.uid);
+        response.warnings = warnings;
+        Outcome {
+            response,
+            verdict: Verdict::Allowed,
+            profile: None,
+        }
+    }
+
+    fn connect(&self, lookup: Option<&dyn PodLookup>) -> Outcome {
+        if self.req.resource != "pods" || self.excluded() {
+            return self.skip();
+        }
+        let ns = self.namespace();
+        let target = match lookup {
+            Some(l) => l.pod(ns, &self.req.name),
+            None => Target::Unknown("agentvm serve runs without cluster access".into()),
+        };
+        let (pod, known, agent) = match target {
+            Target::Found(pod) => {
+                let agent = workload::is_agent(&pod, WorkloadKind::Pod);
+                (pod, true, agent)
+            }
+            Target::NotFound => return self.skip(),
+            Target::Unknown(why) => {
+                tracing::debug!(reason = %why, "CONNECT target unknown");
+                (Value::Null, false, false)
+            }
+        };
+        if known && !agent {
+            return self.skip();
+        }
+        let target =
+            json!({"name": self.req.name, "namespace": ns, "known": known, "agent": agent});
+        let input = self.input("connect", pod, Value::Null, target);
+        match self.decide_or_deny(input) {
+            Ok(d) => self.allow_with(d.warn),
+            Err(out) => out,
+        }
+    }
+
+    fn write(&self) -> Outcome {
+        let req = self.req;
+        let Some(kind) = WorkloadKind::from_group_kind(&req.group, &req.kind) else {
+            return self.skip();
+        };
+        let is_pods = kind == WorkloadKind::Pod;
+        if self.excluded() {
+            return self.skip();
+        }
+        if is_pods && req.sub_resource == "ephemeralcontainers" {
+            return self.ephemeral();
+        }
+        if !req.sub_resource.is_empty() {
+            return self.skip();
+        }
+        let Some(object) = req.object() else {
+            let msg = format!(
+                "request.object is missing for {} {}",
+                req.operation.as_str(),
+                req.kind
+            );
+            return self.deny(400, &[msg], Verdict::Error);
+        };
+        if is_pods && req.operation == Operation::Update {
+            return self.pod_update(object);
+        }
+        if !workload::is_agent(object, kind) {
+            return self.skip();
+        }
+        self.admit(object, kind)
+    }
+
+    fn ephemeral(&self) -> Outcome {
+        let agent = [self.req.object(), self.req.old_object()]
+            .into_iter()
+            .flatten()
+            .any(|o| workload::is_agent(o, WorkloadKind::Pod));
+        if !agent {
+            return self.skip();
+        }
+        let pod = self.req.object().cloned().unwrap_or(Value::Null);
+        let input = self.input("ephemeral", pod, Value::Null, Value::Null);
+        match self.decide_or_deny(input) {
+            Ok(d) => self.allow_with(d.warn),
+            Err(out) => out,
+        }
+    }
+
+    /// Pods are immutable where it matters: never patched on UPDATE, and the `agentvm.dev/*`
+    /// labels and annotations of an agent pod cannot change (that would escape the
+    /// NetworkPolicy or fake a profile).
+    fn pod_update(&self, object: &Value) -> Outcome {
+        let old = self.req.old_object();
+        let agent = workload::is_agent(object, WorkloadKind::Pod)
+            || old.is_some_and(|o| workload::is_agent(o, WorkloadKind::Pod));
+        if !agent {
+            return self.skip();
+        }
+        let mut changed = Vec::new();
+        for map in ["labels", "annotations"] {
+            let ours = |o: Option<&Value>| -> Vec<(String, Value)> {
+                o.and_then(|o| o.pointer(&format!("/metadata/{map}")))
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, _)| k.starts_with(KEY_PREFIX))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            };
+            let (before, after) = (ours(old), ours(Some(object)));
+            let singular = &map[..map.len() - 1];
+            for (k, v) in &before {
+                match after.iter().find(|(k2, _)| k2 == k) {
+                    None => changed.push(format!(
+                        "{singular} {k} cannot be removed from an agent pod"
+                    )),
+                    Some((_, v2)) if v2 != v => {
+                        changed.push(format!("{singular} {k} of an agent pod cannot be changed"));
+                    }
+                    Some(_) => {}
+                }
+            }
+            for (k, _) in after
+                .iter()
+                .filter(|(k, _)| !before.iter().any(|(k2, _)| k2 == k))
+            {
+                changed.push(format!("{singular} {k} cannot be added to a running pod"));
+            }
+        }
+        if !changed.is_empty() {
+            changed.push(
+                "recreate the pod instead (the deny-egress NetworkPolicy selects these)".into(),
+            );
+            return self.deny(403, &changed, Verdict::Denied);
+        }
+        let pod = json!({"metadata": object.get("metadata"), "spec": object.get("spec")});
+        let input = self.input("update", pod, Value::Null, Value::Null);
+        match self.decide_or_deny(input) {
+            Ok(d) => self.allow_with(d.warn),
+            Err(out) => out,
+        }
+    }
+
+    fn admit(&self, object: &Value, kind: WorkloadKind) -> Outcome {
+        let tp = kind.template_pointer();
+        let meta = object
+            .pointer(&format!("{tp}/metadata"))
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        let spec = match object.pointer(&format!("{tp}/spec")) {
+            Some(s @ Value::Object(_)) => s.clone(),
+            _ => {
+                let msg = format!("{} has no pod spec at {tp}/spec", kind.name());
+                return self.deny(400, &[msg], Verdict::Error);
+            }
+        };
+        let workload = json!({
+            "kind": kind.name(),
+            "name": self.req.name,
+            "namespace": self.namespace(),
+            "template_path": tp,
+        });
+        let input = self.input(
+            "admit",
+            json!({"metadata": meta, "spec": spec}),
+            workload,
+            Value::Null,
+        );
+        let decision = match self.decide_or_deny(input) {
+            Ok(d) => d,
+            Err(out) => return out,
+        };
+        let profile = match decision.profile {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                return self.fail(format!("agentvm policy returned an invalid profile: {e}"))
+            }
+            None => {
+                return self.fail(
+                    "agentvm policy left data.agentvm.profile undefined, denying (fail closed)"
+                        .into(),
+                )
+            }
+        };
+        let extra_volumes: Vec<String> = object
+            .pointer("/spec/volumeClaimTemplates")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|t| {
+                t.pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .collect();
+        let settings = self.policies.settings();
+        let mut meta = into_map(meta);
+        let mut spec = into_map(spec);
+
+        if self.mode == Mode::Validate {
+            let v = conformance::violations(&meta, &spec, profile, settings, &extra_volumes);
+            if !v.is_empty() {
+                return self.deny(403, &v, Verdict::Denied).with_profile(profile);
+            }
+        }
+        let original = (meta.clone(), spec.clone());
+        let applied = mutate::apply(&mut meta, &mut spec, profile, settings, self.namespace());
+        if !applied.denials.is_empty() {
+            return self
+                .deny(403, &applied.denials, Verdict::Denied)
+                .with_profile(profile);
+        }
+        let v = conformance::violations(&meta, &spec, profile, settings, &extra_volumes);
+        if !v.is_empty() {
+            return self.deny(403, &v, Verdict::Denied).with_profile(profile);
+        }
+        let mut warnings = decision.warn;
+        warnings.extend(applied.warnings);
+        let changed = (&meta, &spec) != (&original.0, &original.1);
+        let mut out = self.allow_with(warnings);
+        out.profile = Some(profile);
+        match self.mode {
+            Mode::Validate if changed => {
+                let ops = patch::diff(
+                    &json!({"metadata": original.0, "spec": original.1}),
+                    &json!({"metadata": meta, "spec": spec}),
+                );
+                let paths: Vec<&str> = ops
+                    .iter()
+                    .filter_map(|o| o["path"].as_str())
+                    .take(8)
+                    .collect();
+                let msg = format!(
+                    "the pod does not match what the {profile} profile produces (differs at {}); \
+                     send it through the agentvm mutating webhook",
+                    paths.join(", ")
+                );
+                self.deny(403, &[msg], Verdict::Denied)
+                    .with_profile(profile)
+            }
+            Mode::Validate => out,
+            Mode::Mutate => {
+                if changed {
+                    let mut new = object.clone();
+                    if let Some(slot) = pointer_slot(&mut new, tp) {
+                        slot.insert("metadata".into(), Value::Object(meta));
+                        slot.insert("spec".into(), Value::Object(spec));
+                    }
+                    out.response.patch = Some(Value::Array(patch::diff(object, &new)));
+                    out.verdict = Verdict::Patched;
+                }
+                out
+            }
+        }
+    }
+}
+
+impl Outcome {
+    fn with_profile(mut self, profile: Profile) -> Self {
+        self.profile = Some(profile);
+        self
+    }
+}
+
+fn into_map(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// The object at a JSON pointer that is known to lead to an object.
+fn pointer_slot<'a>(root: &'a mut Value, pointer: &str) -> Option<&'a mut Map<String, Value>> {
+    if pointer.is_empty() {
+        root.as_object_mut()
+    } else {
+        root.pointer_mut(pointer).and_then(Value::as_object_mut)
+    }
+}

@@ -1,0 +1,218 @@
+//! Command-line interface. Every flag also reads an `AGENTVM_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agentvm_common::policy::{PolicySet, TestResult};
+use agentvm_common::telemetry::LogFormat;
+use agentvm_webhook::admission::Reviewer;
+use agentvm_webhook::offline;
+use agentvm_webhook::policies::Policies;
+use agentvm_webhook::server::{self, ServeConfig};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Exit status for bad configuration (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// agentvm: a locked-down runtime for AI agent pods, enforced by an admission webhook.
+#[derive(Debug, Parser)]
+#[command(name = "agentvm", version)]
+pub struct Cli {
+    /// Log format: text or json.
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTVM_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter, RUST_LOG syntax.
+    #[arg(long, global = true, env = "AGENTVM_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the admission webhook over HTTPS.
+    Serve(ServeArgs),
+    /// Review manifests or AdmissionReviews offline: print the decision and the patch.
+    Review(ReviewArgs),
+    /// Work with policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// HTTPS address of /mutate and /validate.
+    #[arg(long, env = "AGENTVM_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// Plain-HTTP address of /livez, /readyz and /metrics.
+    #[arg(long, env = "AGENTVM_PROBE_LISTEN", default_value = "0.0.0.0:8080")]
+    probe_listen: SocketAddr,
+    /// PEM certificate chain (reloaded when it changes).
+    #[arg(long, env = "AGENTVM_TLS_CERT")]
+    tls_cert: PathBuf,
+    /// PEM private key (reloaded when it changes).
+    #[arg(long, env = "AGENTVM_TLS_KEY")]
+    tls_key: PathBuf,
+    /// Policy folder (reloaded when it changes); the shipped policies when unset.
+    #[arg(long, env = "AGENTVM_POLICIES")]
+    policies: Option<PathBuf>,
+    /// Seconds between checks of the policy and certificate files.
+    #[arg(long, env = "AGENTVM_RELOAD_INTERVAL", default_value_t = 10)]
+    reload_interval: u64,
+    /// Seconds reviews in flight may take to finish after SIGTERM.
+    #[arg(long, env = "AGENTVM_GRACE_PERIOD", default_value_t = 20)]
+    grace_period: u64,
+    /// Largest request body accepted, in bytes; larger ones get HTTP 413.
+    #[arg(long, env = "AGENTVM_MAX_BODY_BYTES", default_value_t = server::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// Log one INFO line per review.
+    #[arg(long, env = "AGENTVM_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    access_log: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct ReviewArgs {
+    /// YAML or JSON files, multi-document; `-` reads standard input.
+    #[arg(required = true)]
+    files: Vec<String>,
+    /// text for people, json for one line per document.
+    #[arg(long, short, env = "AGENTVM_OUTPUT", default_value = "text")]
+    output: Output,
+    /// Policy folder; the shipped policies when unset.
+    #[arg(long, env = "AGENTVM_POLICIES")]
+    policies: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Run the Rego tests (rules named test_*) in a folder, like `opa test`.
+    Test {
+        /// Policy folder.
+        dir: PathBuf,
+    },
+}
+
+/// Runs the chosen command.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Review(args) => review(args),
+        Command::Policy {
+            command: PolicyCommand::Test { dir },
+        } => policy_test(&dir),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let config = ServeConfig {
+        listen: args.listen,
+        probe_listen: args.probe_listen,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        policies: args.policies,
+        reload_interval: Duration::from_secs(args.reload_interval.max(1)),
+        grace_period: Duration::from_secs(args.grace_period),
+        max_body_bytes: args.max_body_bytes,
+        access_log: args.access_log,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentvm: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(server::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("agentvm serve: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn load_policies(dir: Option<&PathBuf>) -> Result<Policies, String> {
+    match dir {
+        Some(d) => Policies::load_dir(d),
+        None => Policies::shipped(),
+    }
+    .map_err(|e| e.to_string())
+}
+
+fn review(args: ReviewArgs) -> ExitCode {
+    let policies = match load_policies(args.policies.as_ref()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("agentvm review: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut documents = Vec::new();
+    for file in &args.files {
+        match offline::read_file(file) {
+            Ok(docs) => documents.extend(docs),
+            Err(e) => {
+                eprintln!("agentvm review: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let reviewer = Reviewer::fixed(policies);
+    let mut denied = false;
+    for doc in &documents {
+        let reviewed = offline::review_document(&reviewer, doc);
+        denied |= !reviewed.response.allowed;
+        match args.output {
+            Output::Json => println!("{}", reviewed.to_json()),
+            Output::Text => print!("{}", reviewed.to_text()),
+        }
+    }
+    if denied {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn policy_test(dir: &PathBuf) -> ExitCode {
+    let set = match PolicySet::load_dir(dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("agentvm policy test: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = set.run_tests();
+    for o in &report.outcomes {
+        match &o.result {
+            TestResult::Pass => {}
+            TestResult::Fail(why) => println!("FAIL {}:{}: {} ({why})", o.file, o.line, o.rule),
+            TestResult::Error(why) => println!("ERROR {}:{}: {}: {why}", o.file, o.line, o.rule),
+        }
+    }
+    println!("{} passed, {} failed", report.passed(), report.failed());
+    if report.failed() > 0 || report.outcomes.is_empty() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,480 @@
+//! Applies a profile to a pod (or pod template): drops credentials, hardens every container,
+//! labels the pod and injects the proxy (and, for `sidecar-exec`, the exec server).
+//!
+//! It fixes what can be fixed and reports, as denials, what it will not touch (a reserved name,
+//! credentials under the `deny` setting). What cannot be fixed at all (host access and the like)
+//! is left for [`crate::conformance`] to find in the result. Every step is idempotent: applying
+//! the profile to its own output changes nothing.
+
+use serde_json::{json, Map, Value};
+
+use crate::keys::{self, env, APPLIED_ANNOTATION, EGRESS_LABEL, PROFILE_KEY, WORKSPACE_VOLUME};
+use crate::podspec::{self, array, name_of, object_mut, CONTAINER_LISTS};
+use crate::profile_name::Profile;
+use crate::settings::{ContainerSettings, CredentialHandling, Settings};
+
+/// What applying the profile found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Changes the user should know about (stripped credentials).
+    pub warnings: Vec<String>,
+    /// Reasons the pod cannot be admitted as it is.
+    pub denials: Vec<String>,
+}
+
+/// Version of the annotation format.
+const APPLIED_VERSION: &str = "v1";
+
+/// Applies `profile` to a pod's `metadata` and `spec`.
+pub fn apply(
+    meta: &mut Map<String, Value>,
+    spec: &mut Map<String, Value>,
+    profile: Profile,
+    settings: &Settings,
+    namespace: &str,
+) -> Applied {
+    let mut out = Applied::default();
+    let owned = is_owned(meta);
+    check_reserved_names(spec, owned, &mut out);
+    if !out.denials.is_empty() {
+        return out;
+    }
+    drop_credentials(spec, settings.credentials, &mut out);
+    inject(spec, profile, settings, namespace, &mut out);
+    harden(spec, settings);
+    label(meta, profile);
+    out
+}
+
+/// Whether the pod carries the webhook's annotation, so that reserved names in it are the
+/// webhook's own output (re-invocation, a controller copying a mutated template).
+pub fn is_owned(meta: &Map<String, Value>) -> bool {
+    meta.get("annotations")
+        .and_then(|a| a.get(APPLIED_ANNOTATION))
+        .is_some()
+}
+
+/// The annotation value for a profile: what was injected, as JSON.
+pub fn applied_annotation(profile: Profile) -> String {
+    let containers: &[&str] = match profile {
+        Profile::SidecarExec => &[keys::PROXY_CONTAINER, keys::EXEC_CONTAINER],
+        _ => &[keys::PROXY_CONTAINER],
+    };
+    json!({"version": APPLIED_VERSION, "profile": profile.as_str(), "containers": containers})
+        .to_string()
+}
+
+fn check_reserved_names(spec: &Map<String, Value>, owned: bool, out: &mut Applied) {
+    for (list, c) in podspec::containers(spec) {
+        let name = name_of(c);
+        if !keys::RESERVED_CONTAINERS.contains(&name) {
+            continue;
+        }
+        if !owned {
+            out.denials.push(format!(
+                "container {name} in {list} uses a name reserved for agentvm, and the pod has no \
+                 {APPLIED_ANNOTATION} annotation: rename the container"
+            ));
+        } else if list != "initContainers" {
+            out.denials.push(format!(
+                "container {name} must be a native sidecar in initContainers, not in {list}"
+            ));
+        }
+    }
+    let reserved_volume = array(spec, "volumes")
+        .iter()
+        .any(|v| name_of(v) == WORKSPACE_VOLUME);
+    if reserved_volume && !owned {
+        out.denials.push(format!(
+            "volume {WORKSPACE_VOLUME} uses a name reserved for agentvm: rename the volume"
+        ));
+    }
+}
+
+fn drop_credentials(
+    spec: &mut Map<String, Value>,
+    handling: CredentialHandling,
+    out: &mut Applied,
+) {
+    spec.insert("automountServiceAccountToken".into(), Value::Bool(false));
+    let mut report = |what: String| match handling {
+        CredentialHandling::Strip => out.warnings.push(format!("agentvm removed {what}")),
+        CredentialHandling::Deny => out.denials.push(format!(
+            "{what} is not allowed in an agent pod (credentials setting: deny)"
+        )),
+    };
+
+    let mut removed_volumes: Vec<String> = Vec::new();
+    if let Some(Value::Array(volumes)) = spec.get_mut("volumes") {
+        volumes.retain_mut(|v| {
+            let name = name_of(v).to_owned();
+            if podspec::is_token_volume(v) {
+                removed_volumes.push(name);
+                return false;
+            }
+            if let Some(secret) = podspec::secret_volume(v) {
+                report(format!("secret volume {name} (Secret {secret})"));
+                removed_volumes.push(name);
+                return false;
+            }
+            let secrets = podspec::projected_secrets(v);
+            if secrets.is_empty() {
+                return true;
+            }
+            report(format!(
+                "Secret source(s) {} of projected volume {name}",
+                secrets.join(", ")
+            ));
+            if let Some(Value::Array(sources)) = v.pointer_mut("/projected/sources") {
+                sources.retain(|s| s.get("secret").is_none());
+                if sources.is_empty() {
+                    removed_volumes.push(name);
+                    return false;
+                }
+            }
+            true
+        });
+        if volumes.is_empty() {
+            spec.remove("volumes");
+        }
+    }
+    for list in CONTAINER_LISTS {
+        let Some(Value::Array(items)) = spec.get_mut(list) else {
+            continue;
+        };
+        for c in items.iter_mut() {
+            let Value::Object(c) = c else { continue };
+            let cname = c
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            if let Some(Value::Array(mounts)) = c.get_mut("volumeMounts") {
+                mounts.retain(|m| {
+                    let volume = name_of(m);
+                    let path = m.get("mountPath").and_then(Value::as_str).unwrap_or("");
+                    !removed_volumes.iter().any(|r| r == volume)
+                        && !podspec::is_service_account_path(path)
+                });
+                if mounts.is_empty() {
+                    c.remove("volumeMounts");
+                }
+            }
+            if let Some(Value::Array(vars)) = c.get_mut("env") {
+                vars.retain(|e| match podspec::env_secret(e) {
+                    Some((secret, key)) => {
+                        report(format!(
+                            "env {} of container {cname} (Secret {secret}, key {key})",
+                            name_of(e)
+                        ));
+                        false
+                    }
+                    None => true,
+                });
+                if vars.is_empty() {
+                    c.remove("env");
+                }
+            }
+            if let Some(Value::Array(sources)) = c.get_mut("envFrom") {
+                sources.retain(|e| match podspec::env_from_secret(e) {
+                    Some(secret) => {
+                        report(format!("envFrom Secret {secret} of container {cname}"));
+                        false
+                    }
+                    None => true,
+                });
+                if sources.is_empty() {
+                    c.remove("envFrom");
+                }
+            }
+        }
+    }
+}
+
+fn inject(
+    spec: &mut Map<String, Value>,
+    profile: Profile,
+    settings: &Settings,
+    namespace: &str,
+    out: &mut Applied,
+) {
+    let sidecar_exec = profile == Profile::SidecarExec;
+    let workspace = settings.workspace_path.as_str();
+
+    // Injected containers go first among the init containers, in a fixed order.
+    let mut init: Vec<Value> = vec![proxy_container(profile, settings, namespace)];
+    if sidecar_exec {
+        init.push(exec_container(settings));
+    }
+    let user_init = array(spec, "initContainers")
+        .iter()
+        .filter(|c| !keys::RESERVED_CONTAINERS.contains(&name_of(c)))
+        .cloned();
+    init.extend(user_init);
+    spec.insert("initContainers".into(), Value::Array(init));
+
+    let volumes = match spec.get_mut("volumes") {
+        Some(Value::Array(v)) => v,
+        _ => {
+            spec.insert("volumes".into(), Value::Array(Vec::new()));
+            match spec.get_mut("volumes") {
+                Some(Value::Array(v)) => v,
+                _ => unreachable!("volumes was just set to an array"),
+            }
+        }
+    };
+    volumes.retain(|v| name_of(v) != WORKSPACE_VOLUME);
+    if sidecar_exec {
+        volumes.push(json!({"name": WORKSPACE_VOLUME, "emptyDir": {}}));
+    }
+    if volumes.is_empty() {
+        spec.remove("volumes");
+    }
+
+    let proxy_url = format!("http://127.0.0.1:{}/mcp", settings.proxy.port);
+    for list in ["initContainers", "containers"] {
+        let Some(Value::Array(items)) = spec.get_mut(list) else {
+            continue;
+        };
+        for c in items.iter_mut() {
+            if keys::RESERVED_CONTAINERS.contains(&name_of(c)) {
+                continue;
+            }
+            let Value::Object(c) = c else { continue };
+            set_env(c, env::PROXY_URL, Some(&proxy_url));
+            set_env(c, env::PROFILE, Some(profile.as_str()));
+            let in_containers = list == "containers";
+            set_env(
+                c,
+                env::WORKSPACE,
+                (sidecar_exec && in_containers).then_some(workspace),
+            );
+            set_workspace_mount(c, sidecar_exec && in_containers, workspace, out);
+        }
+    }
+}
+
+/// Sets (in place, keeping the position) or removes an env var.
+fn set_env(c: &mut Map<String, Value>, name: &str, value: Option<&str>) {
+    let vars = match (c.get_mut("env"), value) {
+        (Some(Value::Array(v)), _) => v,
+        (_, None) => return,
+        (_, Some(_)) => {
+            c.insert("env".into(), Value::Array(Vec::new()));
+            match c.get_mut("env") {
+                Some(Value::Array(v)) => v,
+                _ => unreachable!("env was just set to an array"),
+            }
+        }
+    };
+    let wanted = value.map(|v| json!({"name": name, "value": v}));
+    match (vars.iter().position(|e| name_of(e) == name), wanted) {
+        (Some(i), Some(w)) => vars[i] = w,
+        (Some(i), None) => {
+            vars.remove(i);
+        }
+        (None, Some(w)) => vars.push(w),
+        (None, None) => {}
+    }
+    if vars.is_empty() {
+        c.remove("env");
+    }
+}
+
+fn set_workspace_mount(c: &mut Map<String, Value>, wanted: bool, path: &str, out: &mut Applied) {
+    let cname = c
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let mounts = match c.get_mut("volumeMounts") {
+        Some(Value::Array(m)) => m,
+        _ if !wanted => return,
+        _ => {
+            c.insert("volumeMounts".into(), Value::Array(Vec::new()));
+            match c.get_mut("volumeMounts") {
+                Some(Value::Array(m)) => m,
+                _ => unreachable!("volumeMounts was just set to an array"),
+            }
+        }
+    };
+    if wanted {
+        let clash = mounts.iter().find(|m| {
+            name_of(m) != WORKSPACE_VOLUME
+                && m.get("mountPath").and_then(Value::as_str) == Some(path)
+        });
+        if let Some(m) = clash {
+            out.denials.push(format!(
+                "container {cname} already mounts volume {} at {path}, where sidecar-exec mounts \
+                 the shared workspace",
+                name_of(m)
+            ));
+            return;
+        }
+        let mount = json!({"name": WORKSPACE_VOLUME, "mountPath": path});
+        match mounts.iter().position(|m| name_of(m) == WORKSPACE_VOLUME) {
+            Some(i) => mounts[i] = mount,
+            None => mounts.push(mount),
+        }
+    } else {
+        mounts.retain(|m| name_of(m) != WORKSPACE_VOLUME);
+    }
+    if mounts.is_empty() {
+        c.remove("volumeMounts");
+    }
+}
+
+/// The hardened security context of the injected containers.
+fn injected_security_context(settings: &Settings) -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": settings.default_run_as_user,
+        "runAsGroup": settings.default_run_as_user,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
+/// Fields the API server would default are set explicitly, so that a stored template, and a pod
+/// or ReplicaSet made from it, come back unchanged (otherwise the Deployment controller sees a
+/// new template and creates ReplicaSets forever).
+fn sidecar_base(
+    name: &str,
+    c: &ContainerSettings,
+    settings: &Settings,
+    args: Vec<String>,
+) -> Value {
+    json!({
+        "name": name,
+        "image": c.image,
+        "imagePullPolicy": c.image_pull_policy,
+        "args": args,
+        "restartPolicy": "Always",
+        "resources": c.resources,
+        "securityContext": injected_security_context(settings),
+        "startupProbe": {
+            "exec": {"command": [
+                "agentvm-sidecar", "probe", format!("http://127.0.0.1:{}/healthz", c.port)]},
+            "initialDelaySeconds": 0,
+            "timeoutSeconds": 1,
+            "periodSeconds": 1,
+            "successThreshold": 1,
+            "failureThreshold": 30,
+        },
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    })
+}
+
+fn field_env(name: &str, path: &str) -> Value {
+    json!({"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}})
+}
+
+fn proxy_container(profile: Profile, settings: &Settings, namespace: &str) -> Value {
+    let listen = format!("127.0.0.1:{}", settings.proxy.port);
+    let mut c = sidecar_base(
+        keys::PROXY_CONTAINER,
+        &settings.proxy,
+        settings,
+        vec!["proxy".into(), "--listen".into(), listen],
+    );
+    let mut vars = vec![json!({"name": env::PROFILE, "value": profile.as_str()})];
+    if let Some(endpoint) = settings.exec_endpoint(profile, namespace) {
+        vars.push(json!({"name": env::EXEC_ENDPOINT, "value": endpoint}));
+    }
+    vars.push(field_env("AGENTVM_POD_NAME", "metadata.name"));
+    vars.push(field_env("AGENTVM_POD_NAMESPACE", "metadata.namespace"));
+    vars.push(field_env(
+        "AGENTVM_SERVICE_ACCOUNT",
+        "spec.serviceAccountName",
+    ));
+    c["env"] = Value::Array(vars);
+    c
+}
+
+fn exec_container(settings: &Settings) -> Value {
+    let listen = format!("127.0.0.1:{}", settings.exec.port);
+    let workspace = settings.workspace_path.clone();
+    let mut c = sidecar_base(
+        keys::EXEC_CONTAINER,
+        &settings.exec,
+        settings,
+        vec![
+            "exec".into(),
+            "--listen".into(),
+            listen,
+            "--workspace".into(),
+            workspace.clone(),
+        ],
+    );
+    c["volumeMounts"] = json!([{"name": WORKSPACE_VOLUME, "mountPath": workspace}]);
+    c
+}
+
+fn harden(spec: &mut Map<String, Value>, settings: &Settings) {
+    if let Some(class) = &settings.runtime_class {
+        spec.insert("runtimeClassName".into(), json!(class));
+    }
+    let pod = object_mut(spec, "securityContext");
+    pod.insert("runAsNonRoot".into(), Value::Bool(true));
+    if !pod.contains_key("runAsUser") {
+        pod.insert("runAsUser".into(), json!(settings.default_run_as_user));
+    }
+    set_runtime_default_seccomp(pod, true);
+
+    for list in CONTAINER_LISTS {
+        let Some(Value::Array(items)) = spec.get_mut(list) else {
+            continue;
+        };
+        for c in items.iter_mut() {
+            let Value::Object(c) = c else { continue };
+            let sc = object_mut(c, "securityContext");
+            if sc.get("runAsNonRoot") == Some(&Value::Bool(false)) {
+                sc.insert("runAsNonRoot".into(), Value::Bool(true));
+            }
+            sc.insert("allowPrivilegeEscalation".into(), Value::Bool(false));
+            if settings.read_only_root_filesystem {
+                sc.insert("readOnlyRootFilesystem".into(), Value::Bool(true));
+            }
+            set_runtime_default_seccomp(sc, false);
+            let caps = object_mut(sc, "capabilities");
+            let drop = caps
+                .entry("drop")
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if !drop.is_array() {
+                *drop = Value::Array(Vec::new());
+            }
+            if let Value::Array(drop) = drop {
+                if !drop.iter().any(|d| d == "ALL") {
+                    drop.push(json!("ALL"));
+                }
+            }
+        }
+    }
+}
+
+/// Pod level: always `RuntimeDefault`. Container level: an explicit profile other than
+/// `RuntimeDefault` (Unconfined, Localhost) is replaced; an absent one inherits the pod's.
+fn set_runtime_default_seccomp(sc: &mut Map<String, Value>, pod_level: bool) {
+    let current = sc
+        .get("seccompProfile")
+        .and_then(|p| p.get("type"))
+        .and_then(Value::as_str);
+    let present = sc.contains_key("seccompProfile");
+    if current != Some("RuntimeDefault") && (pod_level || present) {
+        sc.insert("seccompProfile".into(), json!({"type": "RuntimeDefault"}));
+    }
+}
+
+fn label(meta: &mut Map<String, Value>, profile: Profile) {
+    let labels = object_mut(meta, "labels");
+    labels.insert(EGRESS_LABEL.into(), json!("deny"));
+    labels.insert(PROFILE_KEY.into(), json!(profile.as_str()));
+    let annotations = object_mut(meta, "annotations");
+    annotations.insert(
+        APPLIED_ANNOTATION.into(),
+        json!(applied_annotation(profile)),
+    );
+}

@@ -1,0 +1,364 @@
+//! `agentvm serve`: the admission endpoints over HTTPS and the probe port over plain HTTP.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::json;
+use tracing::{field, Instrument};
+
+use crate::admission::{Mode, Outcome, Reviewer, Verdict};
+use crate::metrics::{kind_label, Metrics, ReviewLabels};
+use crate::review::{self, Response};
+
+/// Default request body limit: an AdmissionReview of an UPDATE carries two objects of up to
+/// 3 MiB (the API server's own limit) each.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 8 << 20;
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct AppState {
+    /// Decides reviews.
+    pub reviewer: Reviewer,
+    /// Metrics registry.
+    pub metrics: Metrics,
+    /// Requests with bodies above this size get 413.
+    pub max_body_bytes: usize,
+    /// Log one INFO line per review.
+    pub access_log: bool,
+    /// False once shutdown has begun, so that load balancers stop sending.
+    pub ready: AtomicBool,
+}
+
+impl AppState {
+    /// State with the defaults for everything but the reviewer.
+    pub fn new(reviewer: Reviewer) -> Self {
+        Self {
+            reviewer,
+            metrics: Metrics::new(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            access_log: true,
+            ready: AtomicBool::new(true),
+        }
+    }
+}
+
+/// The admission router: `POST /mutate` and `POST /validate` (query strings such as
+/// `?timeout=10s` are ignored).
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .route("/validate", post(validate))
+        .with_state(state)
+}
+
+/// The probe router: `/livez`, `/readyz`, `/metrics`.
+pub fn probe_app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> HttpResponse {
+    if state.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> HttpResponse {
+    let body = state.metrics.encode();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn mutate(State(state): State<Arc<AppState>>, body: Body) -> HttpResponse {
+    handle(state, Mode::Mutate, body).await
+}
+
+async fn validate(State(state): State<Arc<AppState>>, body: Body) -> HttpResponse {
+    handle(state, Mode::Validate, body).await
+}
+
+/// Why a request got no review. One deliberate answer each.
+#[derive(Debug, thiserror::Error)]
+enum HandlerError {
+    #[error("request body exceeds {0} bytes")]
+    TooLarge(usize),
+    #[error("cannot read request body: {0}")]
+    Body(String),
+    #[error(transparent)]
+    Envelope(#[from] review::EnvelopeError),
+}
+
+impl HandlerError {
+    fn status(&self) -> StatusCode {
+        match self {
+            HandlerError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            HandlerError::Body(_) | HandlerError::Envelope(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn handle(state: Arc<AppState>, mode: Mode, body: Body) -> HttpResponse {
+    let started = Instant::now();
+    let span = tracing::info_span!(
+        "admission",
+        endpoint = mode.as_str(),
+        admission.uid = field::Empty,
+        k8s.namespace = field::Empty,
+        k8s.kind = field::Empty,
+        operation = field::Empty,
+        dry_run = field::Empty,
+        allowed = field::Empty,
+        patched = field::Empty,
+        profile = field::Empty,
+        decision = field::Empty,
+        reason = field::Empty,
+    );
+    async move {
+        let request = match read_request(&state, body).await {
+            Ok(r) => r,
+            Err(e) => {
+                let span = tracing::Span::current();
+                span.record("decision", "bad_request");
+                span.record("reason", field::display(&e));
+                if state.access_log {
+                    tracing::info!("admission request rejected");
+                }
+                let labels = ReviewLabels {
+                    endpoint: mode.as_str(),
+                    operation: "none",
+                    kind: "none",
+                    decision: "bad_request",
+                };
+                state
+                    .metrics
+                    .observe(labels, started.elapsed().as_secs_f64());
+                return json_response(e.status(), &json!({"error": e.to_string()}));
+            }
+        };
+        let span = tracing::Span::current();
+        span.record("admission.uid", request.uid.as_str());
+        span.record("k8s.namespace", request.namespace.as_str());
+        span.record("k8s.kind", request.kind.as_str());
+        span.record("operation", request.operation.as_str());
+        span.record("dry_run", request.dry_run);
+
+        let reviewer = &state.reviewer;
+        let outcome =
+            std::panic::catch_unwind(AssertUnwindSafe(|| reviewer.review(mode, &request)))
+                .unwrap_or_else(|_| {
+                    tracing::error!("review panicked; denying (fail closed)");
+                    Outcome {
+                        response: Response::deny(
+                            &request.uid,
+                            500,
+                            "agentvm internal error, denying (fail closed)",
+                        ),
+                        verdict: Verdict::Error,
+                        profile: None,
+                    }
+                });
+        span.record("allowed", outcome.response.allowed);
+        span.record("patched", outcome.response.patch.is_some());
+        span.record("decision", outcome.verdict.as_str());
+        if let Some(p) = outcome.profile {
+            span.record("profile", p.as_str());
+        }
+        if !outcome.response.allowed {
+            span.record("reason", outcome.response.message.as_str());
+        }
+        if state.access_log {
+            tracing::info!("admission reviewed");
+        }
+        let labels = ReviewLabels {
+            endpoint: mode.as_str(),
+            operation: request.operation.as_str(),
+            kind: kind_label(&request.group, &request.kind),
+            decision: outcome.verdict.as_str(),
+        };
+        let body = outcome.response.to_review();
+        state
+            .metrics
+            .observe(labels, started.elapsed().as_secs_f64());
+        json_response(StatusCode::OK, &body)
+    }
+    .instrument(span)
+    .await
+}
+
+async fn read_request(state: &AppState, body: Body) -> Result<review::Request, HandlerError> {
+    let limit = state.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // `to_bytes` reports the limit through the error's source chain.
+        let mut source: Option<&dyn std::error::Error> = Some(&e);
+        while let Some(s) = source {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return HandlerError::TooLarge(limit);
+            }
+            source = s.source();
+        }
+        HandlerError::Body(e.to_string())
+    })?;
+    Ok(review::parse(&bytes)?)
+}
+
+/// Everything `agentvm serve` needs, already parsed.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// HTTPS address of the admission endpoints.
+    pub listen: std::net::SocketAddr,
+    /// Plain-HTTP address of the probes and metrics.
+    pub probe_listen: std::net::SocketAddr,
+    /// PEM certificate chain.
+    pub tls_cert: std::path::PathBuf,
+    /// PEM private key.
+    pub tls_key: std::path::PathBuf,
+    /// Policy folder; `None` uses the shipped policies.
+    pub policies: Option<std::path::PathBuf>,
+    /// How often files (policies, certificate) are checked for changes.
+    pub reload_interval: std::time::Duration,
+    /// How long reviews in flight may take to finish after SIGTERM.
+    pub grace_period: std::time::Duration,
+    /// Request body limit.
+    pub max_body_bytes: usize,
+    /// One INFO line per review.
+    pub access_log: bool,
+}
+
+/// Why `serve` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The policies do not load.
+    #[error("{0}")]
+    Policies(#[from] crate::policies::LoadError),
+    /// The certificate or key is unusable.
+    #[error("{0}")]
+    Tls(#[from] agentvm_common::tls::TlsError),
+    /// A port cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Starts both servers and runs until SIGTERM or SIGINT, then drains.
+pub async fn run(config: ServeConfig) -> Result<(), StartError> {
+    use crate::policies::Policies;
+    use agentvm_common::reload::{spawn_watch, ReloadEvent, Reloadable};
+
+    let policies = match &config.policies {
+        Some(dir) => Policies::load_dir(dir)?,
+        None => Policies::shipped()?,
+    };
+    tracing::info!(origin = policies.origin(), "policies loaded");
+    let policies = Arc::new(Reloadable::new(policies));
+    let state = Arc::new(AppState {
+        max_body_bytes: config.max_body_bytes,
+        access_log: config.access_log,
+        ..AppState::new(Reviewer::new(policies.clone(), None))
+    });
+    if let Some(dir) = config.policies.clone() {
+        let metrics_state = state.clone();
+        let load_dir = dir.clone();
+        spawn_watch(
+            policies,
+            vec![dir],
+            config.reload_interval,
+            move || Policies::load_dir(&load_dir),
+            move |event| {
+                let m = &metrics_state.metrics;
+                match event {
+                    ReloadEvent::Reloaded => {
+                        tracing::info!("policies reloaded");
+                        m.reloads
+                            .get_or_create(&crate::metrics::ReloadLabels { result: "success" })
+                            .inc();
+                        m.policy_current.set(1);
+                    }
+                    ReloadEvent::Rejected(e) => {
+                        tracing::error!(error = %e, "policy update rejected; the last good policies stay in force");
+                        m.reloads
+                            .get_or_create(&crate::metrics::ReloadLabels { result: "failure" })
+                            .inc();
+                        m.policy_current.set(0);
+                    }
+                }
+            },
+        );
+    }
+    let cert = agentvm_common::tls::ReloadingCert::new(
+        config.tls_cert.clone(),
+        config.tls_key.clone(),
+        Some(config.reload_interval),
+    )?;
+    let tls = agentvm_common::tls::server_config(Arc::new(cert))?;
+    let bind = |addr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let listener = bind(config.listen).await?;
+    let probe_listener = bind(config.probe_listen).await?;
+    tracing::info!(listen = %config.listen, probe_listen = %config.probe_listen, "serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let grace = config.grace_period;
+    let admission = tokio::spawn(agentvm_common::serve::serve(
+        listener,
+        Some(tls),
+        app(state.clone()),
+        stopped(),
+        grace,
+    ));
+    let probes = tokio::spawn(agentvm_common::serve::serve(
+        probe_listener,
+        None,
+        probe_app(state.clone()),
+        stopped(),
+        grace,
+    ));
+    agentvm_common::serve::shutdown_signal().await;
+    state.ready.store(false, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let _ = admission.await;
+    let _ = probes.await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,129 @@
+//! Settings: the part of the policy decision that does not depend on the request. Policies
+//! define them as `data.agentvm.settings`; they are evaluated once, when the policies load, and
+//! checked against this schema (unknown keys are an error, so a typo never goes unnoticed).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::profile_name::Profile;
+
+/// What to do with Secret-sourced credentials in an agent pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CredentialHandling {
+    /// Remove them, with a warning naming each.
+    Strip,
+    /// Refuse the pod, naming each.
+    Deny,
+}
+
+/// Every setting, with the shipped defaults in `policies/settings/policy.rego`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Namespaces whose pods are never touched, by exact name.
+    pub excluded_namespaces: Vec<String>,
+    /// Secret env vars, `envFrom` secrets and secret volumes: `strip` or `deny`.
+    pub credentials: CredentialHandling,
+    /// Give every container a read-only root filesystem.
+    pub read_only_root_filesystem: bool,
+    /// User id for pods that set none (the image's `USER` may be a name or root, which the
+    /// kubelet refuses with `runAsNonRoot`).
+    pub default_run_as_user: i64,
+    /// `runtimeClassName` for agent pods (for example a gVisor or Kata class); none when null.
+    pub runtime_class: Option<String>,
+    /// Profiles agents may request.
+    pub allowed_profiles: Vec<Profile>,
+    /// The injected proxy container.
+    pub proxy: ContainerSettings,
+    /// The injected exec server container (`sidecar-exec`).
+    pub exec: ContainerSettings,
+    /// Where the proxy sends exec requests, by profile; `{namespace}` is replaced by the pod's
+    /// namespace.
+    pub exec_endpoints: ExecEndpoints,
+    /// Mount path of the shared workspace (`sidecar-exec`).
+    pub workspace_path: String,
+    /// Interactive access to agent pods (`kubectl debug`, `exec`, `attach`, `port-forward`).
+    pub debug: DebugSettings,
+}
+
+/// One injected container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSettings {
+    /// Image reference.
+    pub image: String,
+    /// `imagePullPolicy`.
+    pub image_pull_policy: String,
+    /// Loopback port it listens on.
+    pub port: u16,
+    /// `resources` of the container, as in a pod spec.
+    pub resources: Value,
+}
+
+/// Exec endpoints for the profiles without an exec server in the pod.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecEndpoints {
+    /// `exec-pod`: the namespace's exec pod service.
+    pub exec_pod: String,
+    /// `dispatcher`: the namespace's dispatcher service.
+    pub dispatcher: String,
+}
+
+/// Interactive access rules, read by the shipped debug policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebugSettings {
+    /// Allow ephemeral containers (`kubectl debug`) on agent pods.
+    pub allow_ephemeral_containers: bool,
+    /// Groups allowed to `exec`, `attach` and `port-forward` into agent pods.
+    pub connect_allowed_groups: Vec<String>,
+    /// Decision for CONNECT when the target pod cannot be looked up: `allow` or `deny`.
+    pub connect_unknown_pod: String,
+}
+
+impl Settings {
+    /// Reads settings from the policy's value, naming the offending key on error.
+    pub fn from_json(value: Value) -> Result<Self, String> {
+        let settings: Settings = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        if settings.default_run_as_user <= 0 {
+            return Err("default_run_as_user must be a positive (non-root) user id".into());
+        }
+        if !settings.workspace_path.starts_with('/') {
+            return Err("workspace_path must be an absolute path".into());
+        }
+        for (name, c) in [("proxy", &settings.proxy), ("exec", &settings.exec)] {
+            if c.image.is_empty() {
+                return Err(format!("{name}.image must not be empty"));
+            }
+        }
+        Ok(settings)
+    }
+
+    /// The exec endpoint the proxy uses for `profile` in `namespace`, if the profile has one.
+    pub fn exec_endpoint(&self, profile: Profile, namespace: &str) -> Option<String> {
+        let template = match profile {
+            Profile::NoExec => return None,
+            Profile::SidecarExec => return Some(format!("http://127.0.0.1:{}", self.exec.port)),
+            Profile::ExecPod => &self.exec_endpoints.exec_pod,
+            Profile::Dispatcher => &self.exec_endpoints.dispatcher,
+        };
+        Some(template.replace("{namespace}", namespace))
+    }
+
+    /// Whether `namespace` is excluded by exact name.
+    pub fn is_excluded(&self, namespace: &str) -> bool {
+        self.excluded_namespaces.iter().any(|n| n == namespace)
+    }
+}
+
+/// Settings as a sorted map, for `agentvm policy settings` style output and docs.
+pub fn describe(settings: &Settings) -> BTreeMap<String, Value> {
+    match serde_json::to_value(settings) {
+        Ok(Value::Object(m)) => m.into_iter().collect(),
+        _ => BTreeMap::new(),
+    }
+}
