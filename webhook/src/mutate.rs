@@ -418,10 +418,12 @@ fn harden(spec: &mut Map<String, Value>, settings: &Settings) {
         spec.insert("runtimeClassName".into(), json!(class));
     }
     let pod = object_mut(spec, "securityContext");
+    // A container that already runs with runAsNonRoot: true and no user id has an image with a
+    // numeric non-root USER: it keeps it. Where agentvm introduces runAsNonRoot, it also sets a
+    // numeric user, or the kubelet would refuse images whose USER is a name or root.
+    let pod_user = pod.contains_key("runAsUser");
+    let pod_non_root = pod.get("runAsNonRoot") == Some(&Value::Bool(true));
     pod.insert("runAsNonRoot".into(), Value::Bool(true));
-    if !pod.contains_key("runAsUser") {
-        pod.insert("runAsUser".into(), json!(settings.default_run_as_user));
-    }
     set_runtime_default_seccomp(pod, true);
 
     for list in CONTAINER_LISTS {
@@ -431,6 +433,13 @@ fn harden(spec: &mut Map<String, Value>, settings: &Settings) {
         for c in items.iter_mut() {
             let Value::Object(c) = c else { continue };
             let sc = object_mut(c, "securityContext");
+            let non_root = match sc.get("runAsNonRoot") {
+                Some(Value::Bool(b)) => *b,
+                _ => pod_non_root,
+            };
+            if !pod_user && !non_root && !sc.contains_key("runAsUser") {
+                sc.insert("runAsUser".into(), json!(settings.default_run_as_user));
+            }
             if sc.get("runAsNonRoot") == Some(&Value::Bool(false)) {
                 sc.insert("runAsNonRoot".into(), Value::Bool(true));
             }
