@@ -274,6 +274,30 @@ pub enum StartError {
 
 /// Starts both servers and runs until SIGTERM or SIGINT, then drains.
 pub async fn run(config: ServeConfig) -> Result<(), StartError> {
+    let running = start(config, agentvm_common::serve::shutdown_signal()).await?;
+    let _ = running.task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct Running {
+    /// Bound HTTPS address (useful with port 0).
+    pub addr: std::net::SocketAddr,
+    /// Bound probe address.
+    pub probe_addr: std::net::SocketAddr,
+    /// Shared state (metrics, readiness).
+    pub state: Arc<AppState>,
+    /// Completes when both servers have drained after `shutdown`.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts both servers; they drain and stop when `shutdown` completes.
+pub async fn start(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Running, StartError> {
     use crate::policies::Policies;
     use agentvm_common::reload::{spawn_watch, ReloadEvent, Reloadable};
 
@@ -330,7 +354,10 @@ pub async fn run(config: ServeConfig) -> Result<(), StartError> {
     };
     let listener = bind(config.listen).await?;
     let probe_listener = bind(config.probe_listen).await?;
-    tracing::info!(listen = %config.listen, probe_listen = %config.probe_listen, "serving");
+    let local = |l: &tokio::net::TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+    let addr = local(&listener, config.listen);
+    let probe_addr = local(&probe_listener, config.probe_listen);
+    tracing::info!(listen = %addr, probe_listen = %probe_addr, "serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -354,11 +381,13 @@ pub async fn run(config: ServeConfig) -> Result<(), StartError> {
         stopped(),
         grace,
     ));
-    agentvm_common::serve::shutdown_signal().await;
-    state.ready.store(false, Ordering::Relaxed);
-    let _ = stop_tx.send(true);
-    let _ = admission.await;
-    let _ = probes.await;
-    tracing::info!("stopped");
-    Ok(())
+    let stopping = state.clone();
+    let task = tokio::spawn(async move {
+        shutdown.await;
+        stopping.ready.store(false, Ordering::Relaxed);
+        let _ = stop_tx.send(true);
+        let _ = admission.await;
+        let _ = probes.await;
+    });
+    Ok(Running { addr, probe_addr, state, task })
 }
