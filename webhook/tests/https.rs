@@ -1,0 +1,262 @@
+//! End to end over real HTTPS on loopback: `agentvm serve` as started by the binary's own code
+//! path, a TLS client that trusts a certificate made for the test, AdmissionReviews as the API
+//! server sends them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentvm_webhook::server::{self, ServeConfig};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use rustls::pki_types::ServerName;
+use serde_json::{json, Value};
+use support::*;
+use tokio::net::TcpStream;
+
+struct Harness {
+    running: server::Running,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    tls: tokio_rustls::TlsConnector,
+    dir: PathBuf,
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("agentvm-e2e-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn start(tag: &str, policies: Option<PathBuf>, max_body: usize) -> Harness {
+    agentvm_common::tls::install_default_provider();
+    let dir = temp_dir(tag);
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    std::fs::write(dir.join("tls.crt"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let config = ServeConfig {
+        listen: loopback,
+        probe_listen: loopback,
+        tls_cert: dir.join("tls.crt"),
+        tls_key: dir.join("tls.key"),
+        policies,
+        reload_interval: Duration::from_millis(100),
+        grace_period: Duration::from_secs(5),
+        max_body_bytes: max_body,
+        access_log: false,
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let running = server::start(config, async move {
+        let _ = rx.await;
+    })
+    .await
+    .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(agentvm_common::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client));
+    Harness { running, stop: Some(tx), tls, dir }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+impl Harness {
+    async fn connect(&self) -> Sender {
+        let tcp = TcpStream::connect(self.running.addr).await.unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let tls = self.tls.connect(name, tcp).await.unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), &mut self.running.task).await.unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    async fn probe(&self, path: &str) -> (u16, String) {
+        let tcp = TcpStream::connect(self.running.probe_addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path).header("host", "probe").body(Full::new(Bytes::new())).unwrap();
+        let res = sender.send_request(req).await.unwrap();
+        let status = res.status().as_u16();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+async fn post(sender: &mut Sender, path: &str, body: Vec<u8>) -> (u16, Value) {
+    sender.ready().await.unwrap();
+    let req = hyper::Request::post(path)
+        .header("host", "agentvm")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    let status = res.status().as_u16();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn capture(name: &str) -> Value {
+    let path = repo_tests().join("fixtures/captures").join(name);
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reviews_over_https_with_keep_alive() {
+    let h = start("reviews", None, server::DEFAULT_MAX_BODY_BYTES).await;
+    let mut s = h.connect().await;
+    let review = capture("pod-create-agent-minimal.mutate.json");
+    // The API server adds a timeout query; routing is on the path.
+    let (status, body) = post(&mut s, "/mutate?timeout=10s", review.to_string().into_bytes()).await;
+    assert_eq!(status, 200);
+    let response = &body["response"];
+    assert_eq!(body["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(body["kind"], "AdmissionReview");
+    assert!(body.get("request").is_none(), "the request is not echoed");
+    assert_eq!(response["uid"], review["request"]["uid"]);
+    assert_eq!(response["allowed"], true);
+    assert_eq!(response["patchType"], "JSONPatch");
+    assert!(response["patch"].is_string(), "patch is a base64 string");
+
+    // Same connection: the raw object fails validation, naming what is missing.
+    let (status, body) = post(&mut s, "/validate", review.to_string().into_bytes()).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["response"]["allowed"], false);
+    let message = body["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("automountServiceAccountToken"), "{message}");
+    assert_eq!(body["response"]["status"]["code"], 403);
+
+    let (status, metrics) = h.probe("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("agentvm_admission_requests_total{endpoint=\"mutate\",operation=\"CREATE\",kind=\"Pod\",decision=\"patched\"} 1"), "{metrics}");
+    assert!(metrics.contains("agentvm_admission_duration_seconds_bucket"), "{metrics}");
+    assert_eq!(h.probe("/readyz").await.0, 200);
+    assert_eq!(h.probe("/livez").await.0, 200);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_json_reason_and_the_server_keeps_serving() {
+    let h = start("bad", None, 64 * 1024).await;
+    let mut s = h.connect().await;
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"not json".to_vec(), 400, "not JSON"),
+        (b"[]".to_vec(), 400, "not a JSON object"),
+        (json!({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview"}).to_string().into_bytes(), 400, "apiVersion"),
+        (json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).to_string().into_bytes(), 400, "request"),
+        (json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"kind": {"kind": "Pod"}, "operation": "CREATE"}}).to_string().into_bytes(), 400, "uid"),
+        (vec![b' '; 65 * 1024], 413, "exceeds"),
+    ];
+    for (body, code, word) in cases {
+        let (status, reply) = post(&mut s, "/mutate", body).await;
+        assert_eq!(status, code, "{reply}");
+        assert!(reply["error"].as_str().unwrap().contains(word), "{reply}");
+        if code == 413 {
+            s = h.connect().await;
+        }
+    }
+    let review = capture("pod-create-agent-minimal.mutate.json");
+    let (status, body) = post(&mut s, "/mutate", review.to_string().into_bytes()).await;
+    assert_eq!((status, body["response"]["allowed"].clone()), (200, json!(true)));
+    let (_, metrics) = h.probe("/metrics").await;
+    assert!(metrics.contains("decision=\"bad_request\"} 6"), "{metrics}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_errors_fail_closed_and_reloads_keep_the_last_good_set() {
+    let dir = temp_dir("policies");
+    for src in agentvm_webhook::policies::shipped_sources() {
+        let path = dir.join(&src.path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, src.text).unwrap();
+    }
+    // A rule that fails at evaluation time for agents: conflicting values of a complete rule.
+    std::fs::write(
+        dir.join("broken_eval.rego"),
+        "package agentvm\n\nteam := \"a\" if input.action == \"admit\"\n\nteam := \"b\" if input.action == \"admit\"\n\ndeny contains msg if {\n\tteam == \"nobody\"\n\tmsg := \"unreachable\"\n}\n",
+    )
+    .unwrap();
+    let h = start("failclosed", Some(dir.clone()), server::DEFAULT_MAX_BODY_BYTES).await;
+    let mut s = h.connect().await;
+    let review = capture("pod-create-agent-minimal.mutate.json");
+    let (status, body) = post(&mut s, "/mutate", review.to_string().into_bytes()).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["response"]["allowed"], false, "{body}");
+    assert_eq!(body["response"]["status"]["code"], 500);
+    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("fail closed"), "{body}");
+
+    // Fix the policy: the reload takes it. Then break the syntax: the fixed set stays.
+    std::fs::remove_file(dir.join("broken_eval.rego")).unwrap();
+    let mut allowed = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, body) = post(&mut s, "/mutate", review.to_string().into_bytes()).await;
+        if body["response"]["allowed"] == true {
+            allowed = true;
+            break;
+        }
+    }
+    assert!(allowed, "the fixed policy set was not reloaded");
+    std::fs::write(dir.join("broken_syntax.rego"), "package agentvm\n\ndeny contains msg if {\n").unwrap();
+    let mut rejected = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if h.probe("/metrics").await.1.contains("agentvm_policy_current 0") {
+            rejected = true;
+            break;
+        }
+    }
+    assert!(rejected, "the broken update was not reported");
+    let (_, body) = post(&mut s, "/mutate", review.to_string().into_bytes()).await;
+    assert_eq!(body["response"]["allowed"], true, "the last good set stays in force");
+    assert_eq!(h.probe("/readyz").await.0, 200, "readiness stays up");
+    h.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_reviews_in_flight_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = start("drain", None, server::DEFAULT_MAX_BODY_BYTES).await;
+    let body = capture("deployment-create-agent-client-side-apply.mutate.json").to_string();
+    let (first, rest) = body.as_bytes().split_at(body.len() / 2);
+    // A review whose body is only half sent when SIGTERM arrives.
+    let tcp = TcpStream::connect(h.running.addr).await.unwrap();
+    let mut tls = h.tls.connect(ServerName::try_from("127.0.0.1").unwrap(), tcp).await.unwrap();
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nhost: agentvm\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(first).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let state = h.running.state.clone();
+    let stopping = tokio::spawn(h.stop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!state.ready.load(std::sync::atomic::Ordering::Relaxed), "not ready while draining");
+    tls.write_all(rest).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tls.read_to_end(&mut reply).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("\"allowed\":true"), "{reply}");
+    stopping.await.unwrap();
+}
