@@ -389,5 +389,10 @@ pub async fn start(
         let _ = admission.await;
         let _ = probes.await;
     });
-    Ok(Running { addr, probe_addr, state, task })
+    Ok(Running {
+        addr,
+        probe_addr,
+        state,
+        task,
+    })
 }

@@ -11,7 +11,11 @@ use support::*;
 
 fn captures() -> Vec<(String, Value)> {
     let all = json_files(&repo_tests().join("fixtures/captures"));
-    assert!(all.len() >= 181, "expected the 181 captures, found {}", all.len());
+    assert!(
+        all.len() >= 181,
+        "expected the 181 captures, found {}",
+        all.len()
+    );
     all
 }
 
@@ -22,13 +26,19 @@ fn every_capture_keeps_the_invariants() {
         let req = request(&review);
         mutate_and_check(&reviewer, &req, &name);
         let validated = reviewer.review(Mode::Validate, &req);
-        assert!(validated.response.patch.is_none(), "{name}: /validate never patches");
+        assert!(
+            validated.response.patch.is_none(),
+            "{name}: /validate never patches"
+        );
         assert_eq!(validated.response.uid, req.uid);
     }
 }
 
 fn outcome(name: &str, mode: Mode) -> agentvm_webhook::admission::Outcome {
-    let (_, review) = captures().into_iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name}"));
+    let (_, review) = captures()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no {name}"));
     reviewer().review(mode, &request(&review))
 }
 
@@ -44,14 +54,29 @@ fn agent_pod_creates_are_patched_and_lose_the_token() {
         let (_, review) = captures().into_iter().find(|(n, _)| n == name).unwrap();
         let req = request(&review);
         let patched = mutate_and_check(&reviewer(), &req, name).expect(name);
-        assert_eq!(patched["spec"]["automountServiceAccountToken"], false, "{name}");
-        let volumes = patched["spec"]["volumes"].as_array().cloned().unwrap_or_default();
+        assert_eq!(
+            patched["spec"]["automountServiceAccountToken"], false,
+            "{name}"
+        );
+        let volumes = patched["spec"]["volumes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         assert!(
-            volumes.iter().all(|v| !v["name"].as_str().unwrap_or("").starts_with("kube-api-access")),
+            volumes.iter().all(|v| !v["name"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("kube-api-access")),
             "{name}: token volume left"
         );
-        assert_eq!(patched["metadata"]["labels"]["agentvm.dev/egress"], "deny", "{name}");
-        assert_eq!(patched["spec"]["initContainers"][0]["name"], "agentvm-proxy", "{name}");
+        assert_eq!(
+            patched["metadata"]["labels"]["agentvm.dev/egress"], "deny",
+            "{name}"
+        );
+        assert_eq!(
+            patched["spec"]["initContainers"][0]["name"], "agentvm-proxy",
+            "{name}"
+        );
     }
 }
 
@@ -82,7 +107,11 @@ fn host_access_and_privilege_are_denied_by_field() {
         let out = outcome(name, Mode::Mutate);
         assert!(!out.response.allowed, "{name}");
         assert_eq!(out.response.code, 403);
-        assert!(out.response.message.contains(word), "{name}: {}", out.response.message);
+        assert!(
+            out.response.message.contains(word),
+            "{name}: {}",
+            out.response.message
+        );
     }
 }
 
@@ -96,13 +125,19 @@ fn non_agents_and_deletes_pass_untouched() {
         "namespace-create-team-a.mutate.json",
     ] {
         let out = outcome(name, Mode::Mutate);
-        assert!(out.response.allowed && out.response.patch.is_none(), "{name}");
+        assert!(
+            out.response.allowed && out.response.patch.is_none(),
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn pod_updates_never_patch_and_guard_agentvm_keys() {
-    let allowed = ["pod-update-image.mutate.json", "pod-update-annotation.mutate.json"];
+    let allowed = [
+        "pod-update-image.mutate.json",
+        "pod-update-annotation.mutate.json",
+    ];
     for name in allowed {
         for mode in [Mode::Mutate, Mode::Validate] {
             let out = outcome(name, mode);
@@ -111,12 +146,22 @@ fn pod_updates_never_patch_and_guard_agentvm_keys() {
         }
     }
     for (name, key) in [
-        ("pod-update-remove-agent-label.mutate.json", "agentvm.dev/agent"),
-        ("pod-update-labels-remove-egress-add-tier.mutate.json", "agentvm.dev/egress"),
+        (
+            "pod-update-remove-agent-label.mutate.json",
+            "agentvm.dev/agent",
+        ),
+        (
+            "pod-update-labels-remove-egress-add-tier.mutate.json",
+            "agentvm.dev/egress",
+        ),
     ] {
         let out = outcome(name, Mode::Validate);
         assert!(!out.response.allowed, "{name}");
-        assert!(out.response.message.contains(key), "{name}: {}", out.response.message);
+        assert!(
+            out.response.message.contains(key),
+            "{name}: {}",
+            out.response.message
+        );
     }
 }
 
@@ -128,29 +173,55 @@ fn kubectl_debug_on_an_agent_is_denied() {
     ] {
         let out = outcome(name, Mode::Mutate);
         assert!(!out.response.allowed, "{name}");
-        assert!(out.response.message.contains("ephemeral containers"), "{name}");
+        assert!(
+            out.response.message.contains("ephemeral containers"),
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn connect_without_cluster_access_is_allowed_with_a_warning() {
-    for name in ["pod-connect-exec.call1.mutate.json", "pod-connect-attach.call2.validate.json", "pod-connect-portforward.mutate.json", "pod-connect-exec-nonexistent-pod.validate.json"] {
+    for name in [
+        "pod-connect-exec.call1.mutate.json",
+        "pod-connect-attach.call2.validate.json",
+        "pod-connect-portforward.mutate.json",
+        "pod-connect-exec-nonexistent-pod.validate.json",
+    ] {
         let out = outcome(name, Mode::Validate);
         assert!(out.response.allowed, "{name}");
-        assert!(out.response.warnings.iter().any(|w| w.contains("could not look up")), "{name}");
+        assert!(
+            out.response
+                .warnings
+                .iter()
+                .any(|w| w.contains("could not look up")),
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn workloads_are_patched_under_their_template_only() {
     for (name, template) in [
-        ("deployment-create-agent-client-side-apply.mutate.json", "/spec/template"),
-        ("statefulset-create-agent-volumeclaimtemplates.mutate.json", "/spec/template"),
+        (
+            "deployment-create-agent-client-side-apply.mutate.json",
+            "/spec/template",
+        ),
+        (
+            "statefulset-create-agent-volumeclaimtemplates.mutate.json",
+            "/spec/template",
+        ),
         ("daemonset-create-agent.mutate.json", "/spec/template"),
         ("job-create-agent.mutate.json", "/spec/template"),
-        ("cronjob-create-agent.mutate.json", "/spec/jobTemplate/spec/template"),
+        (
+            "cronjob-create-agent.mutate.json",
+            "/spec/jobTemplate/spec/template",
+        ),
         ("replicaset-create-agent.mutate.json", "/spec/template"),
-        ("replicationcontroller-create-agent.mutate.json", "/spec/template"),
+        (
+            "replicationcontroller-create-agent.mutate.json",
+            "/spec/template",
+        ),
         ("deployment-update-set-image.mutate.json", "/spec/template"),
     ] {
         let out = outcome(name, Mode::Mutate);

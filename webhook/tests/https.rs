@@ -34,7 +34,8 @@ fn temp_dir(tag: &str) -> PathBuf {
 async fn start(tag: &str, policies: Option<PathBuf>, max_body: usize) -> Harness {
     agentvm_common::tls::install_default_provider();
     let dir = temp_dir(tag);
-    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
     std::fs::write(dir.join("tls.crt"), ck.cert.pem()).unwrap();
     std::fs::write(dir.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
     let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
@@ -63,7 +64,12 @@ async fn start(tag: &str, policies: Option<PathBuf>, max_body: usize) -> Harness
         .with_root_certificates(roots)
         .with_no_client_auth();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(client));
-    Harness { running, stop: Some(tx), tls, dir }
+    Harness {
+        running,
+        stop: Some(tx),
+        tls,
+        dir,
+    }
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -74,23 +80,33 @@ impl Harness {
         let name = ServerName::try_from("127.0.0.1").unwrap();
         let tls = self.tls.connect(name, tcp).await.unwrap();
         let (sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
         tokio::spawn(conn);
         sender
     }
 
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), &mut self.running.task).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), &mut self.running.task)
+            .await
+            .unwrap()
+            .unwrap();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 
     async fn probe(&self, path: &str) -> (u16, String) {
         let tcp = TcpStream::connect(self.running.probe_addr).await.unwrap();
         let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
         tokio::spawn(conn);
-        let req = hyper::Request::get(path).header("host", "probe").body(Full::new(Bytes::new())).unwrap();
+        let req = hyper::Request::get(path)
+            .header("host", "probe")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
         let res = sender.send_request(req).await.unwrap();
         let status = res.status().as_u16();
         let body = res.into_body().collect().await.unwrap().to_bytes();
@@ -108,7 +124,10 @@ async fn post(sender: &mut Sender, path: &str, body: Vec<u8>) -> (u16, Value) {
     let res = sender.send_request(req).await.unwrap();
     let status = res.status().as_u16();
     let bytes = res.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 fn capture(name: &str) -> Value {
@@ -122,7 +141,12 @@ async fn reviews_over_https_with_keep_alive() {
     let mut s = h.connect().await;
     let review = capture("pod-create-agent-minimal.mutate.json");
     // The API server adds a timeout query; routing is on the path.
-    let (status, body) = post(&mut s, "/mutate?timeout=10s", review.to_string().into_bytes()).await;
+    let (status, body) = post(
+        &mut s,
+        "/mutate?timeout=10s",
+        review.to_string().into_bytes(),
+    )
+    .await;
     assert_eq!(status, 200);
     let response = &body["response"];
     assert_eq!(body["apiVersion"], "admission.k8s.io/v1");
@@ -138,13 +162,19 @@ async fn reviews_over_https_with_keep_alive() {
     assert_eq!(status, 200);
     assert_eq!(body["response"]["allowed"], false);
     let message = body["response"]["status"]["message"].as_str().unwrap();
-    assert!(message.contains("automountServiceAccountToken"), "{message}");
+    assert!(
+        message.contains("automountServiceAccountToken"),
+        "{message}"
+    );
     assert_eq!(body["response"]["status"]["code"], 403);
 
     let (status, metrics) = h.probe("/metrics").await;
     assert_eq!(status, 200);
     assert!(metrics.contains("agentvm_admission_requests_total{endpoint=\"mutate\",operation=\"CREATE\",kind=\"Pod\",decision=\"patched\"} 1"), "{metrics}");
-    assert!(metrics.contains("agentvm_admission_duration_seconds_bucket"), "{metrics}");
+    assert!(
+        metrics.contains("agentvm_admission_duration_seconds_bucket"),
+        "{metrics}"
+    );
     assert_eq!(h.probe("/readyz").await.0, 200);
     assert_eq!(h.probe("/livez").await.0, 200);
     h.stop().await;
@@ -172,7 +202,10 @@ async fn bad_input_gets_a_json_reason_and_the_server_keeps_serving() {
     }
     let review = capture("pod-create-agent-minimal.mutate.json");
     let (status, body) = post(&mut s, "/mutate", review.to_string().into_bytes()).await;
-    assert_eq!((status, body["response"]["allowed"].clone()), (200, json!(true)));
+    assert_eq!(
+        (status, body["response"]["allowed"].clone()),
+        (200, json!(true))
+    );
     let (_, metrics) = h.probe("/metrics").await;
     assert!(metrics.contains("decision=\"bad_request\"} 6"), "{metrics}");
     h.stop().await;
@@ -192,14 +225,25 @@ async fn policy_errors_fail_closed_and_reloads_keep_the_last_good_set() {
         "package agentvm\n\nteam := \"a\" if input.action == \"admit\"\n\nteam := \"b\" if input.action == \"admit\"\n\ndeny contains msg if {\n\tteam == \"nobody\"\n\tmsg := \"unreachable\"\n}\n",
     )
     .unwrap();
-    let h = start("failclosed", Some(dir.clone()), server::DEFAULT_MAX_BODY_BYTES).await;
+    let h = start(
+        "failclosed",
+        Some(dir.clone()),
+        server::DEFAULT_MAX_BODY_BYTES,
+    )
+    .await;
     let mut s = h.connect().await;
     let review = capture("pod-create-agent-minimal.mutate.json");
     let (status, body) = post(&mut s, "/mutate", review.to_string().into_bytes()).await;
     assert_eq!(status, 200);
     assert_eq!(body["response"]["allowed"], false, "{body}");
     assert_eq!(body["response"]["status"]["code"], 500);
-    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("fail closed"), "{body}");
+    assert!(
+        body["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fail closed"),
+        "{body}"
+    );
 
     // Fix the policy: the reload takes it. Then break the syntax: the fixed set stays.
     std::fs::remove_file(dir.join("broken_eval.rego")).unwrap();
@@ -213,18 +257,29 @@ async fn policy_errors_fail_closed_and_reloads_keep_the_last_good_set() {
         }
     }
     assert!(allowed, "the fixed policy set was not reloaded");
-    std::fs::write(dir.join("broken_syntax.rego"), "package agentvm\n\ndeny contains msg if {\n").unwrap();
+    std::fs::write(
+        dir.join("broken_syntax.rego"),
+        "package agentvm\n\ndeny contains msg if {\n",
+    )
+    .unwrap();
     let mut rejected = false;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if h.probe("/metrics").await.1.contains("agentvm_policy_current 0") {
+        if h.probe("/metrics")
+            .await
+            .1
+            .contains("agentvm_policy_current 0")
+        {
             rejected = true;
             break;
         }
     }
     assert!(rejected, "the broken update was not reported");
     let (_, body) = post(&mut s, "/mutate", review.to_string().into_bytes()).await;
-    assert_eq!(body["response"]["allowed"], true, "the last good set stays in force");
+    assert_eq!(
+        body["response"]["allowed"], true,
+        "the last good set stays in force"
+    );
     assert_eq!(h.probe("/readyz").await.0, 200, "readiness stays up");
     h.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -238,7 +293,11 @@ async fn shutdown_lets_reviews_in_flight_finish() {
     let (first, rest) = body.as_bytes().split_at(body.len() / 2);
     // A review whose body is only half sent when SIGTERM arrives.
     let tcp = TcpStream::connect(h.running.addr).await.unwrap();
-    let mut tls = h.tls.connect(ServerName::try_from("127.0.0.1").unwrap(), tcp).await.unwrap();
+    let mut tls = h
+        .tls
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
     let head = format!(
         "POST /mutate HTTP/1.1\r\nhost: agentvm\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
@@ -250,7 +309,10 @@ async fn shutdown_lets_reviews_in_flight_finish() {
     let state = h.running.state.clone();
     let stopping = tokio::spawn(h.stop());
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!state.ready.load(std::sync::atomic::Ordering::Relaxed), "not ready while draining");
+    assert!(
+        !state.ready.load(std::sync::atomic::Ordering::Relaxed),
+        "not ready while draining"
+    );
     tls.write_all(rest).await.unwrap();
     tls.flush().await.unwrap();
     let mut reply = Vec::new();

@@ -46,8 +46,13 @@ pub fn request(review: &Value) -> Request {
 /// The decoded patch of an outcome, as the API server would decode it.
 pub fn decoded_patch(outcome: &Outcome) -> Option<Value> {
     let wire = outcome.response.to_json();
-    let b64 = wire.get("patch")?.as_str().expect("patch is a base64 string");
-    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).expect("standard base64");
+    let b64 = wire
+        .get("patch")?
+        .as_str()
+        .expect("patch is a base64 string");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("standard base64");
     Some(serde_json::from_slice(&bytes).expect("patch is JSON"))
 }
 
@@ -76,17 +81,37 @@ pub fn mutate_and_check(reviewer: &Reviewer, req: &Request, what: &str) -> Optio
     let out = reviewer.review(Mode::Mutate, req);
     assert_eq!(out.response.uid, req.uid, "{what}: uid echoed");
     if !out.response.allowed {
-        assert!(out.response.patch.is_none(), "{what}: a denial carries no patch");
-        assert!(!out.response.message.is_empty(), "{what}: a denial says why");
+        assert!(
+            out.response.patch.is_none(),
+            "{what}: a denial carries no patch"
+        );
+        assert!(
+            !out.response.message.is_empty(),
+            "{what}: a denial says why"
+        );
         return None;
     }
     let object = req.object().cloned().unwrap_or(Value::Null);
-    let Some(ops) = decoded_patch(&out) else { return Some(object) };
+    let Some(ops) = decoded_patch(&out) else {
+        return Some(object);
+    };
     let patched = apply(&object, &ops);
     let again = reviewer.review(Mode::Mutate, &with_object(req, &patched, "again"));
-    assert!(again.response.allowed, "{what}: re-review denied: {}", again.response.message);
-    assert!(again.response.patch.is_none(), "{what}: not idempotent: {:?}", again.response.patch);
+    assert!(
+        again.response.allowed,
+        "{what}: re-review denied: {}",
+        again.response.message
+    );
+    assert!(
+        again.response.patch.is_none(),
+        "{what}: not idempotent: {:?}",
+        again.response.patch
+    );
     let validated = reviewer.review(Mode::Validate, &with_object(req, &patched, "closure"));
-    assert!(validated.response.allowed, "{what}: /validate denies /mutate's output: {}", validated.response.message);
+    assert!(
+        validated.response.allowed,
+        "{what}: /validate denies /mutate's output: {}",
+        validated.response.message
+    );
     Some(patched)
 }
