@@ -193,7 +193,7 @@ fn review(args: ReviewArgs) -> ExitCode {
     }
 }
 
-fn policy_test(dir: &PathBuf) -> ExitCode {
+fn policy_test(dir: &std::path::Path) -> ExitCode {
     let set = match PolicySet::load_dir(dir) {
         Ok(s) => s,
         Err(e) => {

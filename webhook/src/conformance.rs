@@ -93,10 +93,7 @@ fn check_metadata(meta: &Map<String, Value>, profile: Profile, v: &mut Vec<Strin
     let applied = meta
         .get("annotations")
         .and_then(|a| a.get(APPLIED_ANNOTATION));
-    if !applied
-        .and_then(Value::as_str)
-        .is_some_and(|s| !s.is_empty())
-    {
+    if applied.and_then(Value::as_str).is_none_or(str::is_empty) {
         v.push(format!("annotation {APPLIED_ANNOTATION} is missing"));
     }
 }

@@ -15,11 +15,17 @@ fn security_context() -> impl Strategy<Value = Option<Value>> {
         Just(None),
         Just(Some(json!({}))),
         (1i64..70000).prop_map(|u| Some(json!({"runAsUser": u}))),
-        Just(Some(json!({"runAsNonRoot": false, "allowPrivilegeEscalation": true}))),
+        Just(Some(
+            json!({"runAsNonRoot": false, "allowPrivilegeEscalation": true})
+        )),
         Just(Some(json!({"runAsNonRoot": true}))),
-        Just(Some(json!({"capabilities": {"drop": ["NET_RAW"]}, "readOnlyRootFilesystem": false}))),
+        Just(Some(
+            json!({"capabilities": {"drop": ["NET_RAW"]}, "readOnlyRootFilesystem": false})
+        )),
         Just(Some(json!({"seccompProfile": {"type": "Unconfined"}}))),
-        Just(Some(json!({"capabilities": {"add": []}, "privileged": false}))),
+        Just(Some(
+            json!({"capabilities": {"add": []}, "privileged": false})
+        )),
     ]
 }
 
@@ -27,8 +33,12 @@ fn env() -> impl Strategy<Value = Vec<Value>> {
     prop::collection::vec(
         prop_oneof![
             "[A-Z]{1,6}".prop_map(|n| json!({"name": n, "value": "v"})),
-            "[A-Z]{1,6}".prop_map(|n| json!({"name": n, "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}})),
-            "[A-Z]{1,6}".prop_map(|n| json!({"name": n, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})),
+            "[A-Z]{1,6}".prop_map(
+                |n| json!({"name": n, "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}})
+            ),
+            "[A-Z]{1,6}".prop_map(
+                |n| json!({"name": n, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+            ),
         ],
         0..4,
     )
@@ -68,13 +78,25 @@ fn container(name: String, mounts: Vec<&'static str>) -> impl Strategy<Value = V
 fn volumes() -> Vec<(&'static str, Value)> {
     vec![
         ("scratch", json!({"name": "scratch", "emptyDir": {}})),
-        ("settings", json!({"name": "settings", "configMap": {"name": "settings"}})),
-        ("creds", json!({"name": "creds", "secret": {"secretName": "creds"}})),
-        ("kube-api-access-abcde", json!({"name": "kube-api-access-abcde", "projected": {"sources": [
+        (
+            "settings",
+            json!({"name": "settings", "configMap": {"name": "settings"}}),
+        ),
+        (
+            "creds",
+            json!({"name": "creds", "secret": {"secretName": "creds"}}),
+        ),
+        (
+            "kube-api-access-abcde",
+            json!({"name": "kube-api-access-abcde", "projected": {"sources": [
             {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
-            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}]}})),
-        ("bundle", json!({"name": "bundle", "projected": {"sources": [
-            {"secret": {"name": "tls"}}, {"configMap": {"name": "ca"}}]}})),
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}]}}),
+        ),
+        (
+            "bundle",
+            json!({"name": "bundle", "projected": {"sources": [
+            {"secret": {"name": "tls"}}, {"configMap": {"name": "ca"}}]}}),
+        ),
     ]
 }
 
@@ -132,7 +154,13 @@ prop_compose! {
 
 fn metadata() -> impl Strategy<Value = Value> {
     (
-        prop_oneof![Just(None), Just(Some("no-exec")), Just(Some("sidecar-exec")), Just(Some("exec-pod")), Just(Some("dispatcher"))],
+        prop_oneof![
+            Just(None),
+            Just(Some("no-exec")),
+            Just(Some("sidecar-exec")),
+            Just(Some("exec-pod")),
+            Just(Some("dispatcher"))
+        ],
         any::<bool>(),
         any::<bool>(),
     )
@@ -177,11 +205,13 @@ fn review_for(object: &Value, kind: &str) -> agentvm_webhook::review::Request {
         "Deployment" => "apps",
         _ => "batch",
     };
-    request(&json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+    request(
+        &json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
         "uid": "prop", "kind": {"group": group, "version": "v1", "kind": kind},
         "resource": {"group": group, "version": "v1", "resource": format!("{}s", kind.to_lowercase())},
         "namespace": "team-a", "operation": "CREATE", "userInfo": {"username": "prop"},
-        "object": object, "oldObject": null, "dryRun": false}}))
+        "object": object, "oldObject": null, "dryRun": false}}),
+    )
 }
 
 fn template<'a>(object: &'a Value, kind: &str) -> &'a Value {
@@ -201,9 +231,23 @@ fn pss_restricted_violations(spec: &Value) -> Vec<String> {
             v.push(f.to_string());
         }
     }
-    let allowed_volumes = ["configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"];
+    let allowed_volumes = [
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    ];
     for vol in spec["volumes"].as_array().into_iter().flatten() {
-        let kind = vol.as_object().unwrap().keys().find(|k| *k != "name").unwrap();
+        let kind = vol
+            .as_object()
+            .unwrap()
+            .keys()
+            .find(|k| *k != "name")
+            .unwrap();
         if !allowed_volumes.contains(&kind.as_str()) {
             v.push(format!("volume type {kind}"));
         }
@@ -219,18 +263,29 @@ fn pss_restricted_violations(spec: &Value) -> Vec<String> {
             if sc["allowPrivilegeEscalation"] != false {
                 v.push(format!("{name} allowPrivilegeEscalation"));
             }
-            let non_root = if sc["runAsNonRoot"].is_boolean() { &sc["runAsNonRoot"] } else { &pod_sc["runAsNonRoot"] };
+            let non_root = if sc["runAsNonRoot"].is_boolean() {
+                &sc["runAsNonRoot"]
+            } else {
+                &pod_sc["runAsNonRoot"]
+            };
             if non_root != true {
                 v.push(format!("{name} runAsNonRoot"));
             }
             if sc["runAsUser"] == 0 || (sc["runAsUser"].is_null() && pod_sc["runAsUser"] == 0) {
                 v.push(format!("{name} runAsUser 0"));
             }
-            let seccomp = if sc["seccompProfile"].is_object() { &sc["seccompProfile"]["type"] } else { &pod_sc["seccompProfile"]["type"] };
+            let seccomp = if sc["seccompProfile"].is_object() {
+                &sc["seccompProfile"]["type"]
+            } else {
+                &pod_sc["seccompProfile"]["type"]
+            };
             if seccomp != "RuntimeDefault" && seccomp != "Localhost" {
                 v.push(format!("{name} seccomp"));
             }
-            let drop = sc["capabilities"]["drop"].as_array().cloned().unwrap_or_default();
+            let drop = sc["capabilities"]["drop"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             if !drop.contains(&json!("ALL")) {
                 v.push(format!("{name} drop ALL"));
             }
