@@ -12,6 +12,10 @@ use agentvm_webhook::policies::Policies;
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 
+// The same allocator as the `agentvm` binary, so that the figures match the server's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn document(path: &str) -> offline::Document {
     let full = format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{full}: {e}"));
@@ -56,4 +60,24 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn pieces(c: &mut Criterion) {
+    let policies = Policies::shipped().unwrap();
+    let deployment = document("examples/agent-deployment.yaml");
+    let object = deployment.request.object().cloned().unwrap();
+    let template = &object["spec"]["template"];
+    let input = serde_json::json!({
+        "request": deployment.request.raw, "action": "admit",
+        "pod": {"metadata": template["metadata"], "spec": template["spec"]},
+        "workload": {"kind": "Deployment"}, "target": null,
+    });
+    c.bench_function("policy decision alone", |b| {
+        b.iter(|| policies.decide(black_box(input.clone())))
+    });
+    c.bench_function("input conversion to regorus", |b| {
+        b.iter(|| regorus::Value::from(black_box(input.clone())))
+    });
+}
+
+criterion_group!(parts, pieces);
+criterion_main!(benches, parts);

@@ -7,6 +7,11 @@ use clap::Parser;
 
 mod cli;
 
+/// Reviews are allocation-heavy (JSON trees in, Rego values, JSON trees out); mimalloc halves
+/// the time the system allocator spends on them (see `cargo bench -p agentvm-webhook`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     if let Err(e) = agentvm_common::telemetry::init(args.log_format, &args.log_level) {
