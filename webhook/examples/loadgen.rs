@@ -109,12 +109,11 @@ async fn run(args: Arc<Args>) {
             let mut errors = 0u64;
             let mut i: u64 = 0;
             loop {
-                let due = if args.rate == 0 {
-                    Instant::now()
-                } else {
-                    // Request k of the whole run goes to connection k % connections.
-                    let k = i * args.connections as u64 + c as u64;
-                    start + Duration::from_nanos(k * 1_000_000_000 / args.rate)
+                // Request k of the whole run goes to connection k % connections.
+                let k = i * args.connections as u64 + c as u64;
+                let due = match (k * 1_000_000_000).checked_div(args.rate) {
+                    Some(offset) => start + Duration::from_nanos(offset),
+                    None => Instant::now(),
                 };
                 if due >= start + warmup + measure {
                     break;
