@@ -3,12 +3,18 @@
 # are allowed only to the groups the settings name.
 package agentvm
 
+# Fields used only in messages are read with defaults, so that a request without them is still
+# denied (an undefined sprintf argument would make the whole rule undefined: fail open).
+request_field(name) := object.get(input.request, name, "")
+
+connect_kind := object.get(input.request, "subResource", "connect")
+
 deny contains msg if {
 	input.action == "ephemeral"
 	not settings.debug.allow_ephemeral_containers
 	msg := sprintf(
 		"ephemeral containers (kubectl debug) are not allowed on agent pod %v/%v: they would add an exec surface the profile does not have",
-		[input.request.namespace, input.request.name],
+		[request_field("namespace"), request_field("name")],
 	)
 }
 
@@ -24,7 +30,7 @@ deny contains msg if {
 	not connect_allowed
 	msg := sprintf(
 		"%v into agent pod %v/%v is not allowed: only the groups in settings debug.connect_allowed_groups may",
-		[input.request.subResource, input.request.namespace, input.request.name],
+		[connect_kind, request_field("namespace"), request_field("name")],
 	)
 }
 
@@ -35,7 +41,7 @@ deny contains msg if {
 	not connect_allowed
 	msg := sprintf(
 		"%v into pod %v/%v is not allowed: agentvm cannot tell whether it is an agent (no cluster access)",
-		[input.request.subResource, input.request.namespace, input.request.name],
+		[connect_kind, request_field("namespace"), request_field("name")],
 	)
 }
 
@@ -45,6 +51,6 @@ warn contains msg if {
 	settings.debug.connect_unknown_pod == "allow"
 	msg := sprintf(
 		"agentvm could not look up pod %v/%v (no cluster access): %v allowed without knowing whether it is an agent",
-		[input.request.namespace, input.request.name, input.request.subResource],
+		[request_field("namespace"), request_field("name"), connect_kind],
 	)
 }

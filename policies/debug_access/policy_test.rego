@@ -45,3 +45,12 @@ test_unknown_target_can_be_denied if {
 	inp := connect({"known": false, "agent": false}, [])
 	count(deny) == 1 with input as inp with data.agentvm_settings as {"debug": {"connect_unknown_pod": "deny"}}
 }
+
+test_connect_without_subresource_or_names_is_still_denied if {
+	inp := {"action": "connect", "target": agent_target, "request": {"userInfo": {"groups": []}}}
+	count(deny) == 1 with input as inp
+}
+
+test_ephemeral_without_names_is_still_denied if {
+	count(deny) == 1 with input as {"action": "ephemeral", "request": {}}
+}

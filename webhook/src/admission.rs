@@ -494,3 +494,248 @@ fn pointer_slot<'a>(root: &'a mut Value, pointer: &str) -> Option<&'a mut Map<St
         root.pointer_mut(pointer).and_then(Value::as_object_mut)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policies::shipped_sources;
+    use agentvm_common::policy::Source;
+
+    fn reviewer_with(settings_yaml: &str) -> Reviewer {
+        let mut sources = shipped_sources();
+        sources.push(Source::new(
+            "data.yaml",
+            format!("agentvm_settings:\n{settings_yaml}"),
+        ));
+        Reviewer::fixed(Policies::from_sources(sources, "test".into()).unwrap())
+    }
+
+    fn request(operation: &str, kind: (&str, &str), object: Value, old: Value) -> Request {
+        let (group, kind) = kind;
+        crate::review::from_value(json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u", "kind": {"group": group, "version": "v1", "kind": kind},
+                "resource": {"group": group, "version": "v1", "resource": "pods"},
+                "namespace": "team-a", "name": "p", "operation": operation,
+                "userInfo": {"username": "alice", "groups": ["devs"]},
+                "object": object, "oldObject": old}
+        }))
+        .unwrap()
+    }
+
+    fn agent_pod(extra_labels: Value, spec: Value) -> Value {
+        let mut labels = json!({"agentvm.dev/agent": "true"});
+        for (k, v) in extra_labels.as_object().unwrap() {
+            labels[k] = v.clone();
+        }
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "labels": labels}, "spec": spec})
+    }
+
+    fn create(r: &Reviewer, object: Value) -> Outcome {
+        r.review(
+            Mode::Mutate,
+            &request("CREATE", ("", "Pod"), object, Value::Null),
+        )
+    }
+
+    #[test]
+    fn credentials_deny_setting_names_every_secret() {
+        let r = reviewer_with("  credentials: deny\n");
+        let pod = agent_pod(
+            json!({}),
+            json!({"containers": [{"name": "a", "image": "i",
+            "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "gh", "key": "token"}}}],
+            "envFrom": [{"secretRef": {"name": "aws"}}]}]}),
+        );
+        let out = create(&r, pod);
+        assert!(!out.response.allowed);
+        assert!(
+            out.response.message.contains("Secret gh"),
+            "{}",
+            out.response.message
+        );
+        assert!(
+            out.response.message.contains("envFrom Secret aws"),
+            "{}",
+            out.response.message
+        );
+    }
+
+    #[test]
+    fn reserved_names_without_the_annotation_are_denied() {
+        let r = reviewer_with("  {}\n");
+        let pod = agent_pod(
+            json!({}),
+            json!({"containers": [{"name": "agentvm-proxy", "image": "evil"}]}),
+        );
+        let out = create(&r, pod);
+        assert!(!out.response.allowed);
+        assert!(
+            out.response.message.contains("reserved"),
+            "{}",
+            out.response.message
+        );
+        let vol = agent_pod(
+            json!({}),
+            json!({"containers": [{"name": "a", "image": "i"}],
+            "volumes": [{"name": "agentvm-workspace", "emptyDir": {}}]}),
+        );
+        assert!(!create(&r, vol).response.allowed);
+    }
+
+    #[test]
+    fn sidecar_exec_shares_a_workspace_and_a_clash_is_denied() {
+        let r = reviewer_with("  {}\n");
+        let pod = agent_pod(
+            json!({"agentvm.dev/profile": "sidecar-exec"}),
+            json!({"containers": [{"name": "a", "image": "i"}]}),
+        );
+        let out = create(&r, pod);
+        assert_eq!(out.profile, Some(Profile::SidecarExec));
+        assert_eq!(out.verdict, Verdict::Patched);
+        let clash = agent_pod(
+            json!({"agentvm.dev/profile": "sidecar-exec"}),
+            json!({
+            "containers": [{"name": "a", "image": "i", "volumeMounts": [{"name": "data", "mountPath": "/workspace"}]}],
+            "volumes": [{"name": "data", "emptyDir": {}}]}),
+        );
+        let out = create(&r, clash);
+        assert!(!out.response.allowed);
+        assert!(
+            out.response.message.contains("/workspace"),
+            "{}",
+            out.response.message
+        );
+    }
+
+    #[test]
+    fn pod_updates_allow_unrelated_changes_and_guard_ours() {
+        let r = reviewer_with("  {}\n");
+        let old = agent_pod(
+            json!({"agentvm.dev/egress": "deny", "app": "x"}),
+            json!({"containers": []}),
+        );
+        let mut relabelled = old.clone();
+        relabelled["metadata"]["labels"]["app"] = json!("y");
+        let out = r.review(
+            Mode::Mutate,
+            &request("UPDATE", ("", "Pod"), relabelled, old.clone()),
+        );
+        assert!(out.response.allowed && out.response.patch.is_none());
+        let mut escaped = old.clone();
+        escaped["metadata"]["labels"]["agentvm.dev/egress"] = json!("allow");
+        let out = r.review(
+            Mode::Validate,
+            &request("UPDATE", ("", "Pod"), escaped, old.clone()),
+        );
+        assert!(!out.response.allowed);
+        assert!(out.response.message.contains("agentvm.dev/egress"));
+        let plain = json!({"metadata": {"labels": {"app": "x"}}, "spec": {}});
+        let mut promoted = plain.clone();
+        promoted["metadata"]["labels"]["agentvm.dev/agent"] = json!("true");
+        let out = r.review(
+            Mode::Validate,
+            &request("UPDATE", ("", "Pod"), promoted, plain),
+        );
+        assert!(
+            !out.response.allowed,
+            "an agent label cannot be put on a running pod"
+        );
+    }
+
+    #[test]
+    fn ephemeral_containers_follow_the_setting() {
+        let pod = agent_pod(json!({}), json!({"containers": []}));
+        let mut req = request("UPDATE", ("", "Pod"), pod.clone(), pod);
+        req.sub_resource = "ephemeralcontainers".into();
+        assert!(
+            !reviewer_with("  {}\n")
+                .review(Mode::Validate, &req)
+                .response
+                .allowed
+        );
+        let allowed = reviewer_with("  debug:\n    allow_ephemeral_containers: true\n");
+        assert!(allowed.review(Mode::Validate, &req).response.allowed);
+    }
+
+    struct Fixed(Target);
+    impl PodLookup for Fixed {
+        fn pod(&self, _: &str, _: &str) -> Target {
+            self.0.clone()
+        }
+    }
+
+    #[test]
+    fn connect_is_decided_from_the_looked_up_pod_and_the_groups() {
+        let policies = Arc::new(Reloadable::new(Policies::shipped().unwrap()));
+        let connect = request(
+            "CONNECT",
+            ("", "PodExecOptions"),
+            json!({"kind": "PodExecOptions"}),
+            Value::Null,
+        );
+        let agent = Arc::new(Fixed(Target::Found(agent_pod(json!({}), json!({})))));
+        let r = Reviewer::new(policies.clone(), Some(agent));
+        let out = r.review(Mode::Validate, &connect);
+        assert!(!out.response.allowed);
+        assert!(
+            out.response.message.contains("into agent pod team-a/p"),
+            "{}",
+            out.response.message
+        );
+        let plain = Arc::new(Fixed(Target::Found(json!({"metadata": {"labels": {}}}))));
+        let r = Reviewer::new(policies.clone(), Some(plain));
+        assert_eq!(r.review(Mode::Validate, &connect).verdict, Verdict::Skipped);
+        let mut sources = shipped_sources();
+        sources.push(Source::new(
+            "data.yaml",
+            "agentvm_settings:\n  debug:\n    connect_allowed_groups: [devs]\n",
+        ));
+        let admins = Arc::new(Reloadable::new(
+            Policies::from_sources(sources, "t".into()).unwrap(),
+        ));
+        let agent = Arc::new(Fixed(Target::Found(agent_pod(json!({}), json!({})))));
+        let r = Reviewer::new(admins, Some(agent));
+        assert!(r.review(Mode::Validate, &connect).response.allowed);
+    }
+
+    #[test]
+    fn workload_updates_re_mutate_the_template_and_delete_is_skipped() {
+        let r = reviewer_with("  {}\n");
+        let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+            "spec": {"selector": {"matchLabels": {"app": "a"}}, "template": {
+                "metadata": {"labels": {"app": "a", "agentvm.dev/agent": "true"}},
+                "spec": {"containers": [{"name": "a", "image": "i"}]}}}});
+        let out = r.review(
+            Mode::Mutate,
+            &request(
+                "UPDATE",
+                ("apps", "Deployment"),
+                deployment.clone(),
+                deployment.clone(),
+            ),
+        );
+        assert_eq!(out.verdict, Verdict::Patched);
+        let out = r.review(
+            Mode::Mutate,
+            &request("DELETE", ("apps", "Deployment"), Value::Null, deployment),
+        );
+        assert_eq!(out.verdict, Verdict::Skipped);
+    }
+
+    #[test]
+    fn excluded_namespaces_match_by_exact_name() {
+        let r = reviewer_with("  {}\n");
+        let pod = agent_pod(json!({}), json!({"hostNetwork": true, "containers": []}));
+        for (ns, skipped) in [
+            ("kube-system", true),
+            ("kube-system-extra", false),
+            ("agentvm-system", true),
+        ] {
+            let mut req = request("CREATE", ("", "Pod"), pod.clone(), Value::Null);
+            req.namespace = ns.into();
+            let out = r.review(Mode::Mutate, &req);
+            assert_eq!(out.verdict == Verdict::Skipped, skipped, "{ns}");
+        }
+    }
+}
