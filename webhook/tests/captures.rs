@@ -233,3 +233,50 @@ fn workloads_are_patched_under_their_template_only() {
         }
     }
 }
+
+#[test]
+fn objects_made_from_a_mutated_template_come_out_unchanged() {
+    // The Deployment controller copies the stored template into a ReplicaSet (adding the
+    // pod-template-hash label), the ReplicaSet controller into Pods. If the webhook changed
+    // either copy, the Deployment controller would see a new template and create ReplicaSets
+    // without end.
+    let reviewer = reviewer();
+    let (_, review) = captures()
+        .into_iter()
+        .find(|(n, _)| n == "deployment-create-agent-client-side-apply.mutate.json")
+        .unwrap();
+    let req = request(&review);
+    let deployment = mutate_and_check(&reviewer, &req, "deployment").unwrap();
+    let mut template = deployment["spec"]["template"].clone();
+    template["metadata"]["labels"]["pod-template-hash"] = Value::from("5d4f8b7c9");
+
+    let replicaset = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {"name": "agent-5d4f8b7c9", "namespace": req.namespace,
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": req.name,
+                "uid": "7a1c", "controller": true, "blockOwnerDeletion": true}]},
+        "spec": {"replicas": 1, "selector": deployment["spec"]["selector"], "template": template},
+    });
+    let mut pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "spec": template["spec"]});
+    pod["metadata"] = template["metadata"].clone();
+    pod["metadata"]["generateName"] = Value::from("agent-5d4f8b7c9-");
+    pod["metadata"]["namespace"] = Value::from(req.namespace.clone());
+
+    for (kind, group, object) in [("ReplicaSet", "apps", replicaset), ("Pod", "", pod)] {
+        let review = serde_json::json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "copy", "kind": {"group": group, "version": "v1", "kind": kind},
+                "resource": {"group": group, "version": "v1", "resource": format!("{}s", kind.to_lowercase())},
+                "namespace": req.namespace, "operation": "CREATE",
+                "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+                "object": object}});
+        for mode in [Mode::Mutate, Mode::Validate] {
+            let out = reviewer.review(mode, &request(&review));
+            assert!(out.response.allowed, "{kind}: {}", out.response.message);
+            assert!(
+                out.response.patch.is_none(),
+                "{kind} made from a mutated template was patched: {:?}",
+                decoded_patch(&out)
+            );
+        }
+    }
+}
