@@ -385,25 +385,26 @@ fn test_rules(text: &str) -> Vec<(usize, String)> {
     found
 }
 
-/// The engine's errors span several lines (a caret under the source); logs and admission
-/// messages want one.
+/// The engine's errors span several lines (location, source line, caret, message); logs and
+/// admission messages want one: `file:line:col: message (source line)`.
 fn one_line(e: &impl std::fmt::Display) -> String {
     let text = e.to_string();
-    let mut parts = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !is_caret(l));
-    let mut out = parts.next().unwrap_or_default().to_owned();
-    for p in parts {
-        out.push_str(" | ");
-        out.push_str(p);
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let location = lines.iter().find_map(|l| l.strip_prefix("-->")).map(str::trim);
+    let message = lines.iter().find_map(|l| l.strip_prefix("error:")).map(str::trim);
+    let code = lines.iter().find_map(|l| {
+        let (num, rest) = l.split_once('|')?;
+        (!num.trim().is_empty() && num.trim().chars().all(|c| c.is_ascii_digit()))
+            .then(|| rest.trim())
+            .filter(|r| !r.is_empty() && !r.chars().all(|c| c == '^' || c == ' '))
+    });
+    match (location, message) {
+        (Some(loc), Some(msg)) => match code {
+            Some(code) => format!("{loc}: {msg} (in `{code}`)"),
+            None => format!("{loc}: {msg}"),
+        },
+        _ => lines.join(" | "),
     }
-    out
-}
-
-fn is_caret(line: &str) -> bool {
-    line.chars()
-        .all(|c| c == '^' || c == '|' || c == ' ' || c.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -420,7 +421,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("p/policy.rego"), "{err}");
-        assert!(err.contains(":4") || err.contains(":5"), "{err}");
+        assert!(err.contains("p/policy.rego:5:1: "), "{err}");
     }
 
     #[test]
