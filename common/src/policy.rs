@@ -389,9 +389,19 @@ fn test_rules(text: &str) -> Vec<(usize, String)> {
 /// admission messages want one: `file:line:col: message (source line)`.
 fn one_line(e: &impl std::fmt::Display) -> String {
     let text = e.to_string();
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    let location = lines.iter().find_map(|l| l.strip_prefix("-->")).map(str::trim);
-    let message = lines.iter().find_map(|l| l.strip_prefix("error:")).map(str::trim);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let location = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("-->"))
+        .map(str::trim);
+    let message = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("error:"))
+        .map(str::trim);
     let code = lines.iter().find_map(|l| {
         let (num, rest) = l.split_once('|')?;
         (!num.trim().is_empty() && num.trim().chars().all(|c| c.is_ascii_digit()))

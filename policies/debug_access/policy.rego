@@ -9,6 +9,8 @@ request_field(name) := object.get(input.request, name, "")
 
 connect_kind := object.get(input.request, "subResource", "connect")
 
+unknown_reason := object.get(input.target, "unknown_reason", "no cluster access")
+
 deny contains msg if {
 	input.action == "ephemeral"
 	not settings.debug.allow_ephemeral_containers
@@ -40,8 +42,8 @@ deny contains msg if {
 	settings.debug.connect_unknown_pod == "deny"
 	not connect_allowed
 	msg := sprintf(
-		"%v into pod %v/%v is not allowed: agentvm cannot tell whether it is an agent (no cluster access)",
-		[connect_kind, request_field("namespace"), request_field("name")],
+		"%v into pod %v/%v is not allowed: agentvm cannot tell whether it is an agent (%v)",
+		[connect_kind, request_field("namespace"), request_field("name"), unknown_reason],
 	)
 }
 
@@ -50,7 +52,7 @@ warn contains msg if {
 	input.target.known == false
 	settings.debug.connect_unknown_pod == "allow"
 	msg := sprintf(
-		"agentvm could not look up pod %v/%v (no cluster access): %v allowed without knowing whether it is an agent",
-		[request_field("namespace"), request_field("name"), connect_kind],
+		"agentvm could not look up pod %v/%v (%v): %v allowed without knowing whether it is an agent",
+		[request_field("namespace"), request_field("name"), unknown_reason, connect_kind],
 	)
 }

@@ -85,37 +85,34 @@ pub enum Target {
     Unknown(String),
 }
 
-/// Looks up the pod a CONNECT review targets. Implementations answer from a cache: reviews
-/// must not wait on the network.
-pub trait PodLookup: Send + Sync {
-    /// The pod `name` in `namespace`.
-    fn pod(&self, namespace: &str, name: &str) -> Target;
-}
-
 /// Reviews admission requests with the policies in force.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Reviewer {
     policies: Arc<Reloadable<Policies>>,
-    lookup: Option<Arc<dyn PodLookup>>,
-}
-
-impl std::fmt::Debug for Reviewer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reviewer")
-            .field("lookup", &self.lookup.is_some())
-            .finish()
-    }
 }
 
 impl Reviewer {
-    /// A reviewer over a (reloadable) policy set, with an optional pod lookup for CONNECT.
-    pub fn new(policies: Arc<Reloadable<Policies>>, lookup: Option<Arc<dyn PodLookup>>) -> Self {
-        Self { policies, lookup }
+    /// A reviewer over a (reloadable) policy set.
+    pub fn new(policies: Arc<Reloadable<Policies>>) -> Self {
+        Self { policies }
     }
 
-    /// A reviewer over a fixed policy set and no cluster access.
+    /// A reviewer over a fixed policy set.
     pub fn fixed(policies: Policies) -> Self {
-        Self::new(Arc::new(Reloadable::new(policies)), None)
+        Self::new(Arc::new(Reloadable::new(policies)))
+    }
+
+    /// Reviews one request. A CONNECT review is decided without knowing its target pod; use
+    /// [`Reviewer::review_with_target`] when it was looked up.
+    pub fn review(&self, mode: Mode, req: &Request) -> Outcome {
+        let unknown = Target::Unknown("agentvm runs without cluster access".into());
+        self.review_with_target(mode, req, unknown)
+    }
+
+    /// Whether a request is a CONNECT to a pod that a lookup could inform, as `(namespace, name)`.
+    pub fn connect_target(req: &Request) -> Option<(&str, &str)> {
+        (req.operation == Operation::Connect && req.resource == "pods" && !req.name.is_empty())
+            .then_some((req.namespace.as_str(), req.name.as_str()))
     }
 
     /// The policies in force.
@@ -123,8 +120,9 @@ impl Reviewer {
         self.policies.get()
     }
 
-    /// Reviews one request.
-    pub fn review(&self, mode: Mode, req: &Request) -> Outcome {
+    /// Reviews one request; `target` is what a lookup of a CONNECT review's pod found (it is
+    /// ignored for other operations).
+    pub fn review_with_target(&self, mode: Mode, req: &Request, target: Target) -> Outcome {
         let policies = self.policies.get();
         let ctx = Ctx {
             mode,
@@ -133,7 +131,7 @@ impl Reviewer {
         };
         match req.operation {
             Operation::Delete => ctx.skip(),
-            Operation::Connect => ctx.connect(self.lookup.as_deref()),
+            Operation::Connect => ctx.connect(target),
             Operation::Create | Operation::Update => ctx.write(),
         }
     }
@@ -223,31 +221,27 @@ impl Ctx<'_> {
         }
     }
 
-    fn connect(&self, lookup: Option<&dyn PodLookup>) -> Outcome {
+    fn connect(&self, target: Target) -> Outcome {
         if self.req.resource != "pods" || self.excluded() {
             return self.skip();
         }
         let ns = self.namespace();
-        let target = match lookup {
-            Some(l) => l.pod(ns, &self.req.name),
-            None => Target::Unknown("agentvm serve runs without cluster access".into()),
-        };
-        let (pod, known, agent) = match target {
+        let (pod, known, agent, why) = match target {
             Target::Found(pod) => {
                 let agent = workload::is_agent(&pod, WorkloadKind::Pod);
-                (pod, true, agent)
+                (pod, true, agent, String::new())
             }
             Target::NotFound => return self.skip(),
             Target::Unknown(why) => {
                 tracing::debug!(reason = %why, "CONNECT target unknown");
-                (Value::Null, false, false)
+                (Value::Null, false, false, why)
             }
         };
         if known && !agent {
             return self.skip();
         }
-        let target =
-            json!({"name": self.req.name, "namespace": ns, "known": known, "agent": agent});
+        let target = json!({"name": self.req.name, "namespace": ns, "known": known,
+            "agent": agent, "unknown_reason": why});
         let input = self.input("connect", pod, Value::Null, target);
         match self.decide_or_deny(input) {
             Ok(d) => self.allow_with(d.warn),
@@ -658,45 +652,42 @@ mod tests {
         assert!(allowed.review(Mode::Validate, &req).response.allowed);
     }
 
-    struct Fixed(Target);
-    impl PodLookup for Fixed {
-        fn pod(&self, _: &str, _: &str) -> Target {
-            self.0.clone()
-        }
-    }
-
     #[test]
     fn connect_is_decided_from_the_looked_up_pod_and_the_groups() {
-        let policies = Arc::new(Reloadable::new(Policies::shipped().unwrap()));
+        let r = Reviewer::fixed(Policies::shipped().unwrap());
         let connect = request(
             "CONNECT",
             ("", "PodExecOptions"),
             json!({"kind": "PodExecOptions"}),
             Value::Null,
         );
-        let agent = Arc::new(Fixed(Target::Found(agent_pod(json!({}), json!({})))));
-        let r = Reviewer::new(policies.clone(), Some(agent));
-        let out = r.review(Mode::Validate, &connect);
+        let agent = Target::Found(agent_pod(json!({}), json!({})));
+        let out = r.review_with_target(Mode::Validate, &connect, agent.clone());
         assert!(!out.response.allowed);
         assert!(
             out.response.message.contains("into agent pod team-a/p"),
             "{}",
             out.response.message
         );
-        let plain = Arc::new(Fixed(Target::Found(json!({"metadata": {"labels": {}}}))));
-        let r = Reviewer::new(policies.clone(), Some(plain));
-        assert_eq!(r.review(Mode::Validate, &connect).verdict, Verdict::Skipped);
+        let plain = Target::Found(json!({"metadata": {"labels": {}}}));
+        assert_eq!(
+            r.review_with_target(Mode::Validate, &connect, plain)
+                .verdict,
+            Verdict::Skipped
+        );
+        assert_eq!(
+            r.review_with_target(Mode::Validate, &connect, Target::NotFound)
+                .verdict,
+            Verdict::Skipped
+        );
         let mut sources = shipped_sources();
         sources.push(Source::new(
             "data.yaml",
             "agentvm_settings:\n  debug:\n    connect_allowed_groups: [devs]\n",
         ));
-        let admins = Arc::new(Reloadable::new(
-            Policies::from_sources(sources, "t".into()).unwrap(),
-        ));
-        let agent = Arc::new(Fixed(Target::Found(agent_pod(json!({}), json!({})))));
-        let r = Reviewer::new(admins, Some(agent));
-        assert!(r.review(Mode::Validate, &connect).response.allowed);
+        let admins = Reviewer::fixed(Policies::from_sources(sources, "t".into()).unwrap());
+        let allowed = admins.review_with_target(Mode::Validate, &connect, agent);
+        assert!(allowed.response.allowed);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use agentvm_common::telemetry::LogFormat;
 use agentvm_webhook::admission::Reviewer;
 use agentvm_webhook::offline;
 use agentvm_webhook::policies::Policies;
-use agentvm_webhook::server::{self, ServeConfig};
+use agentvm_webhook::server::{self, ClusterAccess, ServeConfig};
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Exit status for bad configuration (EX_USAGE).
@@ -77,6 +77,9 @@ struct ServeArgs {
     /// Log one INFO line per review.
     #[arg(long, env = "AGENTVM_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
     access_log: bool,
+    /// Cluster access for CONNECT pod lookups: `infer` (like kubectl) or `off`.
+    #[arg(long, env = "AGENTVM_CLUSTER", default_value = "infer", value_parser = ["infer", "off"])]
+    cluster: String,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -129,6 +132,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         grace_period: Duration::from_secs(args.grace_period),
         max_body_bytes: args.max_body_bytes,
         access_log: args.access_log,
+        cluster: if args.cluster == "off" {
+            ClusterAccess::Off
+        } else {
+            ClusterAccess::Infer
+        },
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

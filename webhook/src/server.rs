@@ -14,7 +14,7 @@ use axum::Router;
 use serde_json::json;
 use tracing::{field, Instrument};
 
-use crate::admission::{Mode, Outcome, Reviewer, Verdict};
+use crate::admission::{Mode, Outcome, Reviewer, Target, Verdict};
 use crate::metrics::{kind_label, Metrics, ReviewLabels};
 use crate::review::{self, Response};
 
@@ -35,6 +35,8 @@ pub struct AppState {
     pub access_log: bool,
     /// False once shutdown has begun, so that load balancers stop sending.
     pub ready: AtomicBool,
+    /// The cluster, for CONNECT reviews' pod lookups; `None` without cluster access.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 impl AppState {
@@ -46,6 +48,7 @@ impl AppState {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             access_log: true,
             ready: AtomicBool::new(true),
+            cluster: None,
         }
     }
 }
@@ -170,21 +173,26 @@ async fn handle(state: Arc<AppState>, mode: Mode, body: Body) -> HttpResponse {
         span.record("operation", request.operation.as_str());
         span.record("dry_run", request.dry_run);
 
+        let target = match (Reviewer::connect_target(&request), &state.cluster) {
+            (Some((ns, name)), Some(cluster)) => cluster.pod(ns, name).await,
+            _ => Target::Unknown("agentvm serve runs without cluster access".into()),
+        };
         let reviewer = &state.reviewer;
-        let outcome =
-            std::panic::catch_unwind(AssertUnwindSafe(|| reviewer.review(mode, &request)))
-                .unwrap_or_else(|_| {
-                    tracing::error!("review panicked; denying (fail closed)");
-                    Outcome {
-                        response: Response::deny(
-                            &request.uid,
-                            500,
-                            "agentvm internal error, denying (fail closed)",
-                        ),
-                        verdict: Verdict::Error,
-                        profile: None,
-                    }
-                });
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            reviewer.review_with_target(mode, &request, target)
+        }))
+        .unwrap_or_else(|_| {
+            tracing::error!("review panicked; denying (fail closed)");
+            Outcome {
+                response: Response::deny(
+                    &request.uid,
+                    500,
+                    "agentvm internal error, denying (fail closed)",
+                ),
+                verdict: Verdict::Error,
+                profile: None,
+            }
+        });
         span.record("allowed", outcome.response.allowed);
         span.record("patched", outcome.response.patch.is_some());
         span.record("decision", outcome.verdict.as_str());
@@ -250,6 +258,19 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// One INFO line per review.
     pub access_log: bool,
+    /// Where CONNECT reviews look their pod up.
+    pub cluster: ClusterAccess,
+}
+
+/// How `serve` reaches the cluster.
+#[derive(Debug, Clone)]
+pub enum ClusterAccess {
+    /// Like kubectl (in-cluster, else kubeconfig); without either, run without cluster access.
+    Infer,
+    /// No cluster access: CONNECT reviews are decided without their pod.
+    Off,
+    /// This cluster (tests use a stand-in API server).
+    Given(crate::cluster::Cluster),
 }
 
 /// Why `serve` could not start.
@@ -307,10 +328,22 @@ pub async fn start(
     };
     tracing::info!(origin = policies.origin(), "policies loaded");
     let policies = Arc::new(Reloadable::new(policies));
+    let cluster = match config.cluster.clone() {
+        ClusterAccess::Off => None,
+        ClusterAccess::Given(c) => Some(c),
+        ClusterAccess::Infer => match crate::cluster::Cluster::infer().await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "running without cluster access: CONNECT reviews cannot look up their pod");
+                None
+            }
+        },
+    };
     let state = Arc::new(AppState {
         max_body_bytes: config.max_body_bytes,
         access_log: config.access_log,
-        ..AppState::new(Reviewer::new(policies.clone(), None))
+        cluster,
+        ..AppState::new(Reviewer::new(policies.clone()))
     });
     if let Some(dir) = config.policies.clone() {
         let metrics_state = state.clone();

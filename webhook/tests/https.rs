@@ -32,6 +32,15 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 async fn start(tag: &str, policies: Option<PathBuf>, max_body: usize) -> Harness {
+    start_with(tag, policies, max_body, server::ClusterAccess::Off).await
+}
+
+async fn start_with(
+    tag: &str,
+    policies: Option<PathBuf>,
+    max_body: usize,
+    cluster: server::ClusterAccess,
+) -> Harness {
     agentvm_common::tls::install_default_provider();
     let dir = temp_dir(tag);
     let ck =
@@ -49,6 +58,7 @@ async fn start(tag: &str, policies: Option<PathBuf>, max_body: usize) -> Harness
         grace_period: Duration::from_secs(5),
         max_body_bytes: max_body,
         access_log: false,
+        cluster,
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let running = server::start(config, async move {
@@ -321,4 +331,89 @@ async fn shutdown_lets_reviews_in_flight_finish() {
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(reply.contains("\"allowed\":true"), "{reply}");
     stopping.await.unwrap();
+}
+
+/// A stand-in for the API server's pod GET: the pods it knows by name, `404` with a `Status`
+/// body for the others, as the real one answers.
+async fn stand_in_api_server(pods: Vec<Value>) -> SocketAddr {
+    use axum::extract::Path;
+    use axum::http::StatusCode;
+    let app = axum::Router::new().route(
+        "/api/v1/namespaces/{ns}/pods/{name}",
+        axum::routing::get(move |Path((ns, name)): Path<(String, String)>| {
+            let found = pods
+                .iter()
+                .find(|p| {
+                    p["metadata"]["name"] == name.as_str()
+                        && p["metadata"]["namespace"] == ns.as_str()
+                })
+                .cloned();
+            async move {
+                match found {
+                    Some(p) => (StatusCode::OK, axum::Json(p)),
+                    None => (
+                        StatusCode::NOT_FOUND,
+                        axum::Json(json!({"kind": "Status", "apiVersion": "v1",
+                        "status": "Failure", "reason": "NotFound", "code": 404,
+                        "message": format!("pods \"{name}\" not found")})),
+                    ),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_reviews_look_their_pod_up() {
+    let review = capture("pod-connect-exec.call1.mutate.json");
+    let (ns, name) = (
+        review["request"]["namespace"].clone(),
+        review["request"]["name"].clone(),
+    );
+    let agent = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns,
+        "labels": {"agentvm.dev/agent": "true"}}, "spec": {"containers": [{"name": "a", "image": "i"}]}});
+    let plain = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "plain", "namespace": ns},
+        "spec": {"containers": [{"name": "a", "image": "i"}]}});
+    let api = stand_in_api_server(vec![agent, plain]).await;
+    let config = kube::Config::new(format!("http://{api}").parse().unwrap());
+    let cluster = agentvm_webhook::cluster::Cluster::from_config(config).unwrap();
+    let h = start_with(
+        "connect",
+        None,
+        server::DEFAULT_MAX_BODY_BYTES,
+        server::ClusterAccess::Given(cluster),
+    )
+    .await;
+    let mut s = h.connect().await;
+
+    let (_, body) = post(&mut s, "/validate", review.to_string().into_bytes()).await;
+    assert_eq!(
+        body["response"]["allowed"], false,
+        "exec into an agent pod: {body}"
+    );
+    assert!(body["response"]["status"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("into agent pod"));
+
+    let mut other = review.clone();
+    other["request"]["name"] = json!("plain");
+    let (_, body) = post(&mut s, "/validate", other.to_string().into_bytes()).await;
+    assert_eq!(body["response"]["allowed"], true);
+    assert!(
+        body["response"].get("warnings").is_none(),
+        "a known non-agent needs no warning"
+    );
+
+    other["request"]["name"] = json!("gone");
+    let (_, body) = post(&mut s, "/validate", other.to_string().into_bytes()).await;
+    assert_eq!(
+        body["response"]["allowed"], true,
+        "the API server answers 404 itself"
+    );
+    h.stop().await;
 }
