@@ -103,7 +103,8 @@ impl std::fmt::Debug for PolicySet {
 
 impl PolicySet {
     /// Loads every `.rego` file under `dir` (recursively, in sorted order) and every data
-    /// document named `data.json`, `data.yaml` or `data.yml`. Folders named `testdata` and hidden
+    /// document named `data.json`, `data.yaml` or `data.yml` (optionally with a prefix, as in
+    /// `team.data.yaml`). Folders named `testdata` and hidden
     /// entries (Kubernetes ConfigMap mounts use `..data` links) are skipped.
     pub fn load_dir(dir: &Path) -> Result<Self, PolicyError> {
         Self::from_sources(read_dir(dir)?)
@@ -328,8 +329,7 @@ fn collect_files(
             }
             continue;
         }
-        let wanted = name.ends_with(".rego")
-            || matches!(name.as_str(), "data.json" | "data.yaml" | "data.yml");
+        let wanted = name.ends_with(".rego") || is_data_document(&name);
         if wanted {
             let rel = path
                 .strip_prefix(root)
@@ -340,6 +340,14 @@ fn collect_files(
         }
     }
     Ok(())
+}
+
+/// `data.json`, `data.yaml`, `data.yml`, or the same with a prefix (`team.data.yaml`), so that
+/// several ConfigMaps can be projected into one folder without their keys colliding.
+fn is_data_document(name: &str) -> bool {
+    ["data.json", "data.yaml", "data.yml"]
+        .iter()
+        .any(|d| name == *d || name.strip_suffix(d).is_some_and(|p| p.ends_with('.')))
 }
 
 fn parse_data(src: &Source) -> Result<Value, PolicyError> {
@@ -487,12 +495,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("agentvm-policy-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("a/testdata")).unwrap();
         std::fs::create_dir_all(dir.join("..2024_data")).unwrap();
-        std::fs::write(dir.join("a/policy.rego"), "package a\n\nv := 1\n").unwrap();
+        std::fs::write(dir.join("a/policy.rego"), "package a\n\nv := data.team.v\n").unwrap();
+        std::fs::write(dir.join("a/team.data.yaml"), "team:\n  v: 1\n").unwrap();
+        std::fs::write(dir.join("a/metadata.yaml"), "not: data\n").unwrap();
         std::fs::write(dir.join("a/testdata/broken.rego"), "package").unwrap();
         std::fs::write(dir.join("..2024_data/broken.rego"), "package").unwrap();
         let s = PolicySet::load_dir(&dir).unwrap();
-        assert_eq!(s.sources().len(), 1);
-        assert_eq!(s.sources()[0].path, "a/policy.rego");
+        let paths: Vec<&str> = s.sources().iter().map(|s| s.path.as_str()).collect();
+        assert_eq!(paths, ["a/policy.rego", "a/team.data.yaml"]);
+        assert_eq!(
+            s.eval_rule("data.a.v", Value::new_object()).unwrap(),
+            Value::from(1)
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         let empty = std::env::temp_dir().join(format!("agentvm-empty-{}", std::process::id()));
         std::fs::create_dir_all(&empty).unwrap();
