@@ -8,7 +8,7 @@ use agentvm_common::reload::Reloadable;
 use serde_json::{json, Map, Value};
 
 use crate::conformance;
-use crate::keys::KEY_PREFIX;
+use crate::keys::{ENFORCE_LABEL, KEY_PREFIX};
 use crate::mutate;
 use crate::patch;
 use crate::policies::{Decision, Policies};
@@ -85,6 +85,25 @@ pub enum Target {
     Unknown(String),
 }
 
+/// What the cluster says about a request, looked up before the review (reviews themselves never
+/// wait on the network).
+#[derive(Debug, Clone)]
+pub struct Facts {
+    /// For a CONNECT review: what a lookup of its pod found.
+    pub target: Target,
+    /// Labels of the request's namespace; `None` when they could not be read.
+    pub namespace_labels: Option<Map<String, Value>>,
+}
+
+impl Default for Facts {
+    fn default() -> Self {
+        Self {
+            target: Target::Unknown("agentvm runs without cluster access".into()),
+            namespace_labels: None,
+        }
+    }
+}
+
 /// Reviews admission requests with the policies in force.
 #[derive(Debug, Clone)]
 pub struct Reviewer {
@@ -103,10 +122,9 @@ impl Reviewer {
     }
 
     /// Reviews one request. A CONNECT review is decided without knowing its target pod; use
-    /// [`Reviewer::review_with_target`] when it was looked up.
+    /// [`Reviewer::review_with`] with what the cluster says.
     pub fn review(&self, mode: Mode, req: &Request) -> Outcome {
-        let unknown = Target::Unknown("agentvm runs without cluster access".into());
-        self.review_with_target(mode, req, unknown)
+        self.review_with(mode, req, Facts::default())
     }
 
     /// Whether a request is a CONNECT to a pod that a lookup could inform, as `(namespace, name)`.
@@ -120,18 +138,25 @@ impl Reviewer {
         self.policies.get()
     }
 
-    /// Reviews one request; `target` is what a lookup of a CONNECT review's pod found (it is
-    /// ignored for other operations).
-    pub fn review_with_target(&self, mode: Mode, req: &Request, target: Target) -> Outcome {
+    /// Reviews one request with what the cluster said about it.
+    pub fn review_with(&self, mode: Mode, req: &Request, facts: Facts) -> Outcome {
         let policies = self.policies.get();
+        let enforced = facts
+            .namespace_labels
+            .as_ref()
+            .and_then(|l| l.get(ENFORCE_LABEL))
+            .and_then(Value::as_str)
+            == Some("true");
         let ctx = Ctx {
             mode,
             req,
             policies: &policies,
+            enforced,
+            namespace_labels: facts.namespace_labels.map_or(Value::Null, Value::Object),
         };
         match req.operation {
             Operation::Delete => ctx.skip(),
-            Operation::Connect => ctx.connect(target),
+            Operation::Connect => ctx.connect(facts.target),
             Operation::Create | Operation::Update => ctx.write(),
         }
     }
@@ -141,6 +166,9 @@ struct Ctx<'a> {
     mode: Mode,
     req: &'a Request,
     policies: &'a Policies,
+    /// The namespace carries `agentvm.dev/enforce: "true"`: every pod in it is an agent.
+    enforced: bool,
+    namespace_labels: Value,
 }
 
 // The `Err` side of these helpers is the final answer of the review, returned early; boxing it
@@ -198,6 +226,7 @@ impl Ctx<'_> {
             "pod": pod,
             "workload": workload,
             "target": target,
+            "namespace": {"name": self.namespace(), "labels": self.namespace_labels},
         })
     }
 
@@ -228,7 +257,7 @@ impl Ctx<'_> {
         let ns = self.namespace();
         let (pod, known, agent, why) = match target {
             Target::Found(pod) => {
-                let agent = workload::is_agent(&pod, WorkloadKind::Pod);
+                let agent = self.enforced || workload::is_agent(&pod, WorkloadKind::Pod);
                 (pod, true, agent, String::new())
             }
             Target::NotFound => return self.skip(),
@@ -261,7 +290,9 @@ impl Ctx<'_> {
         if is_pods && req.sub_resource == "ephemeralcontainers" {
             return self.ephemeral();
         }
-        if !req.sub_resource.is_empty() {
+        let status_update =
+            is_pods && req.sub_resource == "status" && req.operation == Operation::Update;
+        if !req.sub_resource.is_empty() && !status_update {
             return self.skip();
         }
         let Some(object) = req.object() else {
@@ -273,9 +304,16 @@ impl Ctx<'_> {
             return self.deny(400, &[msg], Verdict::Error);
         };
         if is_pods && req.operation == Operation::Update {
-            return self.pod_update(object);
+            return self.pod_update(object, status_update);
         }
-        if !workload::is_agent(object, kind) {
+        if !workload::is_agent(object, kind) && !self.enforced {
+            return self.skip();
+        }
+        if workload::made_by_controller(object, kind) {
+            // A ReplicaSet of a Deployment, a Job of a CronJob: the owner's template is the one
+            // to lock down, and the pods are reviewed when they are created. Changing the copy
+            // would make the Deployment controller see a new template and create ReplicaSets
+            // without end.
             return self.skip();
         }
         self.admit(object, kind)
@@ -285,7 +323,8 @@ impl Ctx<'_> {
         let agent = [self.req.object(), self.req.old_object()]
             .into_iter()
             .flatten()
-            .any(|o| workload::is_agent(o, WorkloadKind::Pod));
+            .any(|o| workload::is_agent(o, WorkloadKind::Pod))
+            || self.enforced;
         if !agent {
             return self.skip();
         }
@@ -297,13 +336,16 @@ impl Ctx<'_> {
         }
     }
 
-    /// Pods are immutable where it matters: never patched on UPDATE, and the `agentvm.dev/*`
+    /// Pods are immutable where it matters: never patched on UPDATE, the `agentvm.dev/*`
     /// labels and annotations of an agent pod cannot change (that would escape the
-    /// NetworkPolicy or fake a profile).
-    fn pod_update(&self, object: &Value) -> Outcome {
+    /// NetworkPolicy or fake a profile), and neither can the injected containers (an image swap
+    /// would replace the proxy). A `pods/status` update (which can carry label changes) gets the
+    /// same guard, without a policy evaluation: the kubelet sends many.
+    fn pod_update(&self, object: &Value, status_only: bool) -> Outcome {
         let old = self.req.old_object();
         let agent = workload::is_agent(object, WorkloadKind::Pod)
-            || old.is_some_and(|o| workload::is_agent(o, WorkloadKind::Pod));
+            || old.is_some_and(|o| workload::is_agent(o, WorkloadKind::Pod))
+            || self.enforced;
         if !agent {
             return self.skip();
         }
@@ -338,11 +380,28 @@ impl Ctx<'_> {
                 changed.push(format!("{singular} {k} cannot be added to a running pod"));
             }
         }
+        for name in crate::keys::RESERVED_CONTAINERS {
+            let find = |o: Option<&Value>| {
+                o.and_then(|o| o.get("spec"))
+                    .and_then(Value::as_object)
+                    .and_then(|spec| {
+                        crate::podspec::containers(spec)
+                            .find(|(_, c)| crate::podspec::name_of(c) == name)
+                            .map(|(_, c)| c.clone())
+                    })
+            };
+            if find(old) != find(Some(object)) {
+                changed.push(format!(
+                    "container {name} of an agent pod cannot be changed"
+                ));
+            }
+        }
         if !changed.is_empty() {
-            changed.push(
-                "recreate the pod instead (the deny-egress NetworkPolicy selects these)".into(),
-            );
+            changed.push("recreate the pod instead".into());
             return self.deny(403, &changed, Verdict::Denied);
+        }
+        if status_only {
+            return self.skip();
         }
         let pod = json!({"metadata": object.get("metadata"), "spec": object.get("spec")});
         let input = self.input("update", pod, Value::Null, Value::Null);
@@ -416,9 +475,11 @@ impl Ctx<'_> {
         }
         let original = (meta.clone(), spec.clone());
         let applied = mutate::apply(&mut meta, &mut spec, profile, settings, self.namespace());
-        if !applied.denials.is_empty() {
+        let mut denials = applied.denials;
+        denials.extend(selector_mismatch(object, &meta));
+        if !denials.is_empty() {
             return self
-                .deny(403, &applied.denials, Verdict::Denied)
+                .deny(403, &denials, Verdict::Denied)
                 .with_profile(profile);
         }
         let v = conformance::violations(&meta, &spec, profile, settings, &extra_volumes);
@@ -471,6 +532,22 @@ impl Outcome {
         self.profile = Some(profile);
         self
     }
+}
+
+/// A workload selector must still match its template after the labels agentvm sets.
+fn selector_mismatch(object: &Value, meta: &Map<String, Value>) -> Vec<String> {
+    let selector = object
+        .pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object);
+    let labels = meta.get("labels").and_then(Value::as_object);
+    selector
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| k.starts_with(KEY_PREFIX) && labels.and_then(|l| l.get(*k)) != Some(*v))
+        .map(|(k, v)| {
+            format!("spec.selector.matchLabels {k}={v} would no longer match the template, where agentvm sets {k}: select on your own labels")
+        })
+        .collect()
 }
 
 fn into_map(v: Value) -> Map<String, Value> {
@@ -652,6 +729,76 @@ mod tests {
         assert!(allowed.review(Mode::Validate, &req).response.allowed);
     }
 
+    fn with_target(target: Target) -> Facts {
+        Facts {
+            target,
+            ..Facts::default()
+        }
+    }
+
+    fn in_namespace(labels: Value) -> Facts {
+        Facts {
+            namespace_labels: labels.as_object().cloned(),
+            ..Facts::default()
+        }
+    }
+
+    #[test]
+    fn an_enforcing_namespace_makes_every_pod_an_agent() {
+        let r = reviewer_with("  {}\n");
+        // What `kubectl debug --copy-to` creates: a copy without the agent label.
+        let copy = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "copy", "labels": {}},
+            "spec": {"containers": [{"name": "a", "image": "i",
+                "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}]}});
+        let req = request("CREATE", ("", "Pod"), copy.clone(), Value::Null);
+        assert_eq!(r.review(Mode::Mutate, &req).verdict, Verdict::Skipped);
+        let enforce = in_namespace(json!({"agentvm.dev/enforce": "true"}));
+        let out = r.review_with(Mode::Mutate, &req, enforce.clone());
+        assert_eq!(out.verdict, Verdict::Patched, "{}", out.response.message);
+        let validated = r.review_with(Mode::Validate, &req, enforce.clone());
+        assert!(
+            !validated.response.allowed,
+            "the raw copy does not meet the profile"
+        );
+        let other = in_namespace(json!({"agentvm.dev/enforce": "false"}));
+        assert_eq!(
+            r.review_with(Mode::Mutate, &req, other).verdict,
+            Verdict::Skipped
+        );
+        let connect = request("CONNECT", ("", "PodExecOptions"), json!({}), Value::Null);
+        let facts = Facts {
+            target: Target::Found(copy),
+            ..enforce
+        };
+        assert!(
+            !r.review_with(Mode::Validate, &connect, facts)
+                .response
+                .allowed
+        );
+    }
+
+    #[test]
+    fn policies_see_the_namespace_labels() {
+        let mut sources = shipped_sources();
+        sources.push(Source::new(
+            "tier.rego",
+            "package agentvm\n\ndeny contains \"no agents in prod\" if input.namespace.labels.tier == \"prod\"\n",
+        ));
+        let r = Reviewer::fixed(Policies::from_sources(sources, "t".into()).unwrap());
+        let pod = agent_pod(
+            json!({}),
+            json!({"containers": [{"name": "a", "image": "i"}]}),
+        );
+        let req = request("CREATE", ("", "Pod"), pod, Value::Null);
+        let prod = r.review_with(Mode::Mutate, &req, in_namespace(json!({"tier": "prod"})));
+        assert_eq!(prod.response.message, "no agents in prod");
+        assert!(
+            r.review_with(Mode::Mutate, &req, in_namespace(json!({"tier": "dev"})))
+                .response
+                .allowed
+        );
+    }
+
     #[test]
     fn connect_is_decided_from_the_looked_up_pod_and_the_groups() {
         let r = Reviewer::fixed(Policies::shipped().unwrap());
@@ -662,7 +809,7 @@ mod tests {
             Value::Null,
         );
         let agent = Target::Found(agent_pod(json!({}), json!({})));
-        let out = r.review_with_target(Mode::Validate, &connect, agent.clone());
+        let out = r.review_with(Mode::Validate, &connect, with_target(agent.clone()));
         assert!(!out.response.allowed);
         assert!(
             out.response.message.contains("into agent pod team-a/p"),
@@ -671,12 +818,12 @@ mod tests {
         );
         let plain = Target::Found(json!({"metadata": {"labels": {}}}));
         assert_eq!(
-            r.review_with_target(Mode::Validate, &connect, plain)
+            r.review_with(Mode::Validate, &connect, with_target(plain))
                 .verdict,
             Verdict::Skipped
         );
         assert_eq!(
-            r.review_with_target(Mode::Validate, &connect, Target::NotFound)
+            r.review_with(Mode::Validate, &connect, with_target(Target::NotFound))
                 .verdict,
             Verdict::Skipped
         );
@@ -686,7 +833,7 @@ mod tests {
             "agentvm_settings:\n  debug:\n    connect_allowed_groups: [devs]\n",
         ));
         let admins = Reviewer::fixed(Policies::from_sources(sources, "t".into()).unwrap());
-        let allowed = admins.review_with_target(Mode::Validate, &connect, agent);
+        let allowed = admins.review_with(Mode::Validate, &connect, with_target(agent));
         assert!(allowed.response.allowed);
     }
 

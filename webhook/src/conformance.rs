@@ -90,9 +90,21 @@ fn check_metadata(meta: &Map<String, Value>, profile: Profile, v: &mut Vec<Strin
             "label {PROFILE_KEY} must be \"{profile}\", the effective profile"
         ));
     }
-    let applied = meta
-        .get("annotations")
-        .and_then(|a| a.get(APPLIED_ANNOTATION));
+    // The annotation form of AppArmor (before the appArmorProfile field), as Pod Security checks it.
+    let annotations = meta.get("annotations").and_then(Value::as_object);
+    for (key, value) in annotations.into_iter().flatten() {
+        let Some(container) = key.strip_prefix("container.apparmor.security.beta.kubernetes.io/")
+        else {
+            continue;
+        };
+        let value = value.as_str().unwrap_or("");
+        if value != "runtime/default" && !value.starts_with("localhost/") {
+            v.push(format!(
+                "container {container}: AppArmor profile {value} (annotation {key}) is not allowed"
+            ));
+        }
+    }
+    let applied = annotations.and_then(|a| a.get(APPLIED_ANNOTATION));
     if applied.and_then(Value::as_str).is_none_or(str::is_empty) {
         v.push(format!("annotation {APPLIED_ANNOTATION} is missing"));
     }
@@ -146,14 +158,14 @@ fn check_volumes(spec: &Map<String, Value>, v: &mut Vec<String>) {
                 "volume {name}: projected serviceAccountToken volumes are not allowed"
             ));
         }
-        if let Some(secret) = podspec::secret_volume(vol) {
+        if let Some(what) = podspec::credential_volume(vol) {
             v.push(format!(
-                "volume {name}: secret volumes (Secret {secret}) are not allowed"
+                "volume {name}: credentials ({what}) are not allowed"
             ));
         }
-        for secret in podspec::projected_secrets(vol) {
+        for what in podspec::projected_credentials(vol) {
             v.push(format!(
-                "volume {name}: projected Secret source {secret} is not allowed"
+                "volume {name}: projected credentials ({what}) are not allowed"
             ));
         }
         if let Some(obj) = vol.as_object() {

@@ -112,21 +112,18 @@ fn drop_credentials(
                 removed_volumes.push(name);
                 return false;
             }
-            if let Some(secret) = podspec::secret_volume(v) {
-                report(format!("secret volume {name} (Secret {secret})"));
+            if let Some(what) = podspec::credential_volume(v) {
+                report(format!("volume {name} ({what})"));
                 removed_volumes.push(name);
                 return false;
             }
-            let secrets = podspec::projected_secrets(v);
-            if secrets.is_empty() {
+            let creds = podspec::projected_credentials(v);
+            if creds.is_empty() {
                 return true;
             }
-            report(format!(
-                "Secret source(s) {} of projected volume {name}",
-                secrets.join(", ")
-            ));
+            report(format!("{} of projected volume {name}", creds.join(", ")));
             if let Some(Value::Array(sources)) = v.pointer_mut("/projected/sources") {
-                sources.retain(|s| s.get("secret").is_none());
+                sources.retain(|s| !podspec::is_credential_source(s));
                 if sources.is_empty() {
                     removed_volumes.push(name);
                     return false;
@@ -267,14 +264,15 @@ fn set_env(c: &mut Map<String, Value>, name: &str, value: Option<&str>) {
             }
         }
     };
-    let wanted = value.map(|v| json!({"name": name, "value": v}));
-    match (vars.iter().position(|e| name_of(e) == name), wanted) {
-        (Some(i), Some(w)) => vars[i] = w,
-        (Some(i), None) => {
-            vars.remove(i);
+    // Every duplicate goes: the kubelet uses the last one, so a second entry would win.
+    let first = vars.iter().position(|e| name_of(e) == name);
+    vars.retain(|e| name_of(e) != name);
+    if let Some(v) = value {
+        let entry = json!({"name": name, "value": v});
+        match first {
+            Some(i) => vars.insert(i.min(vars.len()), entry),
+            None => vars.push(entry),
         }
-        (None, Some(w)) => vars.push(w),
-        (None, None) => {}
     }
     if vars.is_empty() {
         c.remove("env");
@@ -479,6 +477,8 @@ fn set_runtime_default_seccomp(sc: &mut Map<String, Value>, pod_level: bool) {
 
 fn label(meta: &mut Map<String, Value>, profile: Profile) {
     let labels = object_mut(meta, "labels");
+    // Already there, or the pod is an agent because its namespace enforces the profile.
+    labels.insert(keys::AGENT_LABEL.into(), json!("true"));
     labels.insert(EGRESS_LABEL.into(), json!("deny"));
     labels.insert(PROFILE_KEY.into(), json!(profile.as_str()));
     let annotations = object_mut(meta, "annotations");

@@ -66,7 +66,9 @@ pub fn read_file(path: &str) -> Result<Vec<Document>, InputError> {
 }
 
 /// Parses YAML or JSON text holding one or more documents. Empty documents are skipped but
-/// counted, so that indices match what an editor shows.
+/// counted, so that indices match what an editor shows; YAML merge keys (`<<`) are applied as
+/// kubectl applies them; a `kind: List` is reviewed item by item (`file#2.0`, `file#2.1`...).
+/// Text without any document is an error: a review of nothing proves nothing.
 pub fn parse_documents(name: &str, text: &str) -> Result<Vec<Document>, InputError> {
     let mut out = Vec::new();
     for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -75,13 +77,39 @@ pub fn parse_documents(name: &str, text: &str) -> Result<Vec<Document>, InputErr
             source_name: source.clone(),
             message,
         };
-        let value =
-            Value::deserialize(de).map_err(|e| err(format!("not valid YAML or JSON: {e}")))?;
+        let mut yaml = serde_yaml::Value::deserialize(de)
+            .map_err(|e| err(format!("not valid YAML or JSON: {e}")))?;
+        yaml.apply_merge()
+            .map_err(|e| err(format!("invalid YAML merge key: {e}")))?;
+        let value: Value = serde_yaml::from_value(yaml)
+            .map_err(|e| err(format!("not representable as JSON: {e}")))?;
         if value.is_null() {
+            continue;
+        }
+        if value.get("kind").and_then(Value::as_str) == Some("List") {
+            let items = value
+                .get("items")
+                .and_then(Value::as_array)
+                .ok_or_else(|| err("a List must have an items array".into()))?;
+            for (i, item) in items.iter().enumerate() {
+                let source = format!("{name}#{index}.{i}");
+                let request =
+                    to_request(item.clone(), index * 1000 + i).map_err(|message| InputError {
+                        source_name: source.clone(),
+                        message,
+                    })?;
+                out.push(Document { source, request });
+            }
             continue;
         }
         let request = to_request(value, index).map_err(err)?;
         out.push(Document { source, request });
+    }
+    if out.is_empty() {
+        return Err(InputError {
+            source_name: name.into(),
+            message: "no document to review".into(),
+        });
     }
     Ok(out)
 }

@@ -80,18 +80,38 @@ pub fn env_from_secret(entry: &Value) -> Option<&str> {
     Some(r.get("name").and_then(Value::as_str).unwrap_or(""))
 }
 
-/// The Secret a `secret` volume mounts.
-pub fn secret_volume(volume: &Value) -> Option<&str> {
-    let s = volume.get("secret")?;
-    Some(s.get("secretName").and_then(Value::as_str).unwrap_or(""))
+/// What a volume mounts that is a credential, for messages: a `secret` volume, or an inline
+/// `csi` volume (secrets-store and similar drivers put credentials in the pod).
+pub fn credential_volume(volume: &Value) -> Option<String> {
+    if let Some(s) = volume.get("secret") {
+        let name = s.get("secretName").and_then(Value::as_str).unwrap_or("");
+        return Some(format!("Secret {name}"));
+    }
+    let csi = volume.get("csi")?;
+    let driver = csi.get("driver").and_then(Value::as_str).unwrap_or("");
+    Some(format!("CSI driver {driver}"))
 }
 
-/// Names of the Secrets among a projected volume's sources.
-pub fn projected_secrets(volume: &Value) -> Vec<&str> {
+/// Whether a projected volume source carries a credential: a Secret, or a pod certificate with
+/// its private key.
+pub fn is_credential_source(source: &Value) -> bool {
+    source.get("secret").is_some() || source.get("podCertificate").is_some()
+}
+
+/// The credential sources of a projected volume, for messages.
+pub fn projected_credentials(volume: &Value) -> Vec<String> {
     projected_sources(volume)
         .iter()
-        .filter_map(|s| s.get("secret"))
-        .map(|s| s.get("name").and_then(Value::as_str).unwrap_or(""))
+        .filter(|s| is_credential_source(s))
+        .map(|s| match s.get("secret") {
+            Some(secret) => {
+                format!(
+                    "Secret {}",
+                    secret.get("name").and_then(Value::as_str).unwrap_or("")
+                )
+            }
+            None => "podCertificate".to_owned(),
+        })
         .collect()
 }
 

@@ -14,7 +14,7 @@ use axum::Router;
 use serde_json::json;
 use tracing::{field, Instrument};
 
-use crate::admission::{Mode, Outcome, Reviewer, Target, Verdict};
+use crate::admission::{Facts, Mode, Outcome, Reviewer, Verdict};
 use crate::metrics::{kind_label, Metrics, ReviewLabels};
 use crate::review::{self, Response};
 
@@ -173,13 +173,13 @@ async fn handle(state: Arc<AppState>, mode: Mode, body: Body) -> HttpResponse {
         span.record("operation", request.operation.as_str());
         span.record("dry_run", request.dry_run);
 
-        let target = match (Reviewer::connect_target(&request), &state.cluster) {
-            (Some((ns, name)), Some(cluster)) => cluster.pod(ns, name).await,
-            _ => Target::Unknown("agentvm serve runs without cluster access".into()),
+        let facts = match &state.cluster {
+            Some(cluster) => cluster.facts(&request).await,
+            None => Facts::default(),
         };
         let reviewer = &state.reviewer;
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            reviewer.review_with_target(mode, &request, target)
+            reviewer.review_with(mode, &request, facts)
         }))
         .unwrap_or_else(|_| {
             tracing::error!("review panicked; denying (fail closed)");

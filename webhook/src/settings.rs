@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+#[cfg(test)]
+use serde_json::json;
 use serde_json::Value;
 
 use crate::profile_name::Profile;
@@ -81,8 +83,18 @@ pub struct DebugSettings {
     pub allow_ephemeral_containers: bool,
     /// Groups allowed to `exec`, `attach` and `port-forward` into agent pods.
     pub connect_allowed_groups: Vec<String>,
-    /// Decision for CONNECT when the target pod cannot be looked up: `allow` or `deny`.
-    pub connect_unknown_pod: String,
+    /// Decision for CONNECT when the target pod cannot be looked up.
+    pub connect_unknown_pod: UnknownPod,
+}
+
+/// What to do with a CONNECT review whose pod cannot be looked up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownPod {
+    /// Allow, with a warning that says why.
+    Allow,
+    /// Deny, saying why.
+    Deny,
 }
 
 impl Settings {
@@ -92,8 +104,23 @@ impl Settings {
         if settings.default_run_as_user <= 0 {
             return Err("default_run_as_user must be a positive (non-root) user id".into());
         }
-        if !settings.workspace_path.starts_with('/') {
-            return Err("workspace_path must be an absolute path".into());
+        let workspace = settings.workspace_path.trim_end_matches('/');
+        if !settings.workspace_path.starts_with('/') || workspace.is_empty() {
+            return Err("workspace_path must be an absolute path other than /".into());
+        }
+        if crate::podspec::is_service_account_path(workspace)
+            || workspace.starts_with("/var/run/secrets")
+        {
+            return Err("workspace_path must not be under /var/run/secrets".into());
+        }
+        if settings.proxy.port == 0
+            || settings.exec.port == 0
+            || settings.proxy.port == settings.exec.port
+        {
+            return Err("proxy.port and exec.port must be two different, non-zero ports".into());
+        }
+        if settings.runtime_class.as_deref() == Some("") {
+            return Err("runtime_class must be null or a RuntimeClass name, not empty".into());
         }
         for (name, c) in [("proxy", &settings.proxy), ("exec", &settings.exec)] {
             if c.image.is_empty() {
@@ -125,5 +152,45 @@ pub fn describe(settings: &Settings) -> BTreeMap<String, Value> {
     match serde_json::to_value(settings) {
         Ok(Value::Object(m)) => m.into_iter().collect(),
         _ => BTreeMap::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policies::Policies;
+
+    fn settings() -> Value {
+        serde_json::to_value(Policies::shipped().unwrap().settings()).unwrap()
+    }
+
+    #[test]
+    fn the_shipped_settings_pass_and_each_bad_one_is_named() {
+        assert!(Settings::from_json(settings()).is_ok());
+        let bad = [
+            ("/workspace_path", json!("/"), "workspace_path"),
+            ("/workspace_path", json!("relative"), "workspace_path"),
+            ("/proxy/port", json!(0), "port"),
+            ("/exec/port", json!(7411), "port"),
+            ("/runtime_class", json!(""), "runtime_class"),
+            ("/default_run_as_user", json!(0), "default_run_as_user"),
+            (
+                "/debug/connect_unknown_pod",
+                json!("maybe"),
+                "unknown variant",
+            ),
+            ("/credentials", json!("keep"), "unknown variant"),
+        ];
+        for (pointer, value, word) in bad {
+            let mut s = settings();
+            *s.pointer_mut(pointer).unwrap() = value;
+            let err = Settings::from_json(s).unwrap_err();
+            assert!(err.contains(word), "{pointer}: {err}");
+        }
+        let mut typo = settings();
+        typo["debug"]["allow_ephemeral_container"] = json!(true);
+        assert!(Settings::from_json(typo)
+            .unwrap_err()
+            .contains("unknown field"));
     }
 }

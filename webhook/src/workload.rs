@@ -86,6 +86,19 @@ pub fn is_agent(object: &Value, kind: WorkloadKind) -> bool {
         == Some("true")
 }
 
+/// Whether a ReplicaSet or Job was made by its controller (a Deployment, a CronJob) from the
+/// owner's template.
+pub fn made_by_controller(object: &Value, kind: WorkloadKind) -> bool {
+    matches!(kind, WorkloadKind::ReplicaSet | WorkloadKind::Job)
+        && object
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .is_some_and(|refs| {
+                refs.iter()
+                    .any(|r| r.get("controller") == Some(&Value::Bool(true)))
+            })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

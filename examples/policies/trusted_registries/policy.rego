@@ -12,8 +12,9 @@ image_trusted(image) if {
 	startswith(image, concat("", [registry, "/"]))
 }
 
+# Checked on admission and on pod updates (`kubectl set image` changes a running pod's image).
 deny contains msg if {
-	input.action == "admit"
+	input.action in {"admit", "update"}
 	some list in ["initContainers", "containers"]
 	some c in object.get(input.pod.spec, list, [])
 	not c.name in {"agentvm-proxy", "agentvm-exec"}

@@ -20,6 +20,10 @@ test_injected_containers_are_not_checked if {
 	count(deny) == 0 with input as inp
 }
 
-test_updates_are_not_checked if {
-	count(deny) == 0 with input as {"action": "update", "pod": {"spec": {"containers": [{"name": "a", "image": "x/y"}]}}}
+test_image_changes_on_update_are_checked if {
+	count(deny) == 1 with input as {"action": "update", "pod": {"spec": {"containers": [{"name": "a", "image": "x/y"}]}}}
+}
+
+test_connect_is_not_checked if {
+	count(deny) == 0 with input as {"action": "connect", "pod": {"spec": {"containers": [{"name": "a", "image": "x/y"}]}}}
 }
