@@ -16,6 +16,9 @@ use serde_json::{Map, Value};
 use crate::admission::{Facts, Reviewer, Target};
 use crate::review::Request;
 
+/// Namespace labels by name, with the time they were read.
+type NamespaceCache = HashMap<String, (Instant, Map<String, Value>)>;
+
 /// How long namespace labels are reused before they are read again.
 const NAMESPACE_TTL: Duration = Duration::from_secs(30);
 
@@ -35,7 +38,7 @@ pub enum ClusterError {
 #[derive(Clone)]
 pub struct Cluster {
     client: kube::Client,
-    namespaces: Arc<Mutex<HashMap<String, (Instant, Map<String, Value>)>>>,
+    namespaces: Arc<Mutex<NamespaceCache>>,
 }
 
 impl std::fmt::Debug for Cluster {
