@@ -151,7 +151,7 @@ fn default_render_is_valid_and_cannot_take_a_cluster_down() {
         .iter()
         .flat_map(|c| c["webhooks"].as_array().unwrap())
         .collect();
-    assert_eq!(entries.len(), 5);
+    assert_eq!(entries.len(), 7);
     for w in &entries {
         let name = w["name"].as_str().unwrap();
         assert_eq!(w["sideEffects"], "NoneOnDryRun", "{name}");
@@ -169,6 +169,15 @@ fn default_render_is_valid_and_cannot_take_a_cluster_down() {
             assert!(
                 w.get("objectSelector").is_none(),
                 "CONNECT carries no pod to select"
+            );
+        } else if name.starts_with("enforced-pods.") {
+            assert!(
+                w.get("objectSelector").is_none(),
+                "{name}: every pod of the namespace"
+            );
+            assert_eq!(
+                w["namespaceSelector"]["matchLabels"]["agentvm.dev/enforce"],
+                "true"
             );
         } else {
             assert_eq!(
@@ -249,7 +258,7 @@ fn non_default_render_is_valid() {
     let validating = find(&objects, "ValidatingWebhookConfiguration", "t-agentvm");
     assert_eq!(
         validating["webhooks"].as_array().unwrap().len(),
-        2,
+        3,
         "no CONNECT entry"
     );
     let settings = &find(&objects, "ConfigMap", "t-agentvm-policies")["data"]["data.yaml"];

@@ -94,6 +94,10 @@ clientConfig:
     path: {{ .path }}
     port: 443
 namespaceSelector:
+  {{- if .enforced }}
+  matchLabels:
+    agentvm.dev/enforce: "true"
+  {{- end }}
   matchExpressions:
     - key: kubernetes.io/metadata.name
       operator: NotIn
