@@ -204,6 +204,16 @@ impl PolicySet {
     }
 }
 
+/// Bounds the wall-clock time of every policy evaluation in the process (a runaway rule, such
+/// as a comprehension over `numbers.range(1, 1e9)`, then fails instead of holding a thread).
+pub fn set_evaluation_time_limit(limit: std::time::Duration) {
+    let config = regorus::utils::limits::ExecutionTimerConfig {
+        limit,
+        check_interval: std::num::NonZeroU32::MIN.saturating_add(63),
+    };
+    regorus::utils::limits::set_fallback_execution_timer_config(Some(config));
+}
+
 /// A compiled rule, evaluated concurrently without locks.
 #[derive(Clone)]
 pub struct Entrypoint {
@@ -449,6 +459,21 @@ mod tests {
             Err(e) => assert!(e.to_string().contains("policy"), "{e}"),
             Ok(s) => assert!(s.eval_rule("data.x.v", Value::new_object()).is_err()),
         }
+    }
+
+    #[test]
+    fn a_runaway_rule_fails_within_the_time_limit() {
+        let s = set("package x\n\nr := numbers.range(1, 3000)\n\nn := count([x | some i in r; some j in r; x := i * j])\n").unwrap();
+        set_evaluation_time_limit(std::time::Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let result = s.entrypoint("data.x.n").unwrap().eval(Value::new_object());
+        regorus::utils::limits::set_fallback_execution_timer_config(None);
+        assert!(result.is_err(), "{result:?}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

@@ -34,8 +34,10 @@ impl FromStr for LogFormat {
 pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
     let filter =
         EnvFilter::try_new(filter).map_err(|e| format!("bad log filter {filter:?}: {e}"))?;
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.with_target(false).try_init(),

@@ -1,13 +1,12 @@
 //! `agentvm serve`: the admission endpoints over HTTPS and the probe port over plain HTTP.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
 use axum::Router;
@@ -21,6 +20,16 @@ use crate::review::{self, Response};
 /// Default request body limit: an AdmissionReview of an UPDATE carries two objects of up to
 /// 3 MiB (the API server's own limit) each.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 << 20;
+
+/// Reviews read or running at once; the others wait (up to [`BODY_TIMEOUT`]) for a slot. Bounds
+/// the memory that large reviews take.
+pub const MAX_IN_FLIGHT: usize = 16;
+
+/// How long a client may take to send a body, and a review may wait for a slot.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Wall-clock budget of one policy evaluation.
+pub const POLICY_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What the handlers share.
 #[derive(Debug)]
@@ -37,6 +46,8 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// The cluster, for CONNECT reviews' pod lookups; `None` without cluster access.
     pub cluster: Option<crate::cluster::Cluster>,
+    /// Slots for reviews in flight.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -49,6 +60,7 @@ impl AppState {
             access_log: true,
             ready: AtomicBool::new(true),
             cluster: None,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
         }
     }
 }
@@ -81,22 +93,25 @@ async fn readyz(State(state): State<Arc<AppState>>) -> HttpResponse {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> HttpResponse {
     let body = state.metrics.encode();
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
+    // prometheus-client writes the OpenMetrics text format.
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
-async fn mutate(State(state): State<Arc<AppState>>, body: Body) -> HttpResponse {
-    handle(state, Mode::Mutate, body).await
+async fn mutate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> HttpResponse {
+    handle(state, Mode::Mutate, headers, body).await
 }
 
-async fn validate(State(state): State<Arc<AppState>>, body: Body) -> HttpResponse {
-    handle(state, Mode::Validate, body).await
+async fn validate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> HttpResponse {
+    handle(state, Mode::Validate, headers, body).await
 }
 
 /// Why a request got no review. One deliberate answer each.
@@ -106,6 +121,10 @@ enum HandlerError {
     TooLarge(usize),
     #[error("cannot read request body: {0}")]
     Body(String),
+    #[error("request body not received within {} s", BODY_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("too many reviews in flight, try again")]
+    Busy,
     #[error(transparent)]
     Envelope(#[from] review::EnvelopeError),
 }
@@ -114,6 +133,8 @@ impl HandlerError {
     fn status(&self) -> StatusCode {
         match self {
             HandlerError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            HandlerError::Timeout => StatusCode::REQUEST_TIMEOUT,
+            HandlerError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             HandlerError::Body(_) | HandlerError::Envelope(_) => StatusCode::BAD_REQUEST,
         }
     }
@@ -128,7 +149,7 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
         .into_response()
 }
 
-async fn handle(state: Arc<AppState>, mode: Mode, body: Body) -> HttpResponse {
+async fn handle(state: Arc<AppState>, mode: Mode, headers: HeaderMap, body: Body) -> HttpResponse {
     let started = Instant::now();
     let span = tracing::info_span!(
         "admission",
@@ -145,8 +166,19 @@ async fn handle(state: Arc<AppState>, mode: Mode, body: Body) -> HttpResponse {
         reason = field::Empty,
     );
     async move {
-        let request = match read_request(&state, body).await {
-            Ok(r) => r,
+        // Bounded work in flight: a permit before the body is read bounds memory too.
+        let permit =
+            match tokio::time::timeout(BODY_TIMEOUT, state.in_flight.clone().acquire_owned()).await
+            {
+                Ok(Ok(p)) => Ok(p),
+                _ => Err(HandlerError::Busy),
+            };
+        let read = match permit {
+            Ok(p) => read_request(&state, &headers, body).await.map(|r| (p, r)),
+            Err(e) => Err(e),
+        };
+        let (permit, request) = match read {
+            Ok(pair) => pair,
             Err(e) => {
                 let span = tracing::Span::current();
                 span.record("decision", "bad_request");
@@ -177,15 +209,23 @@ async fn handle(state: Arc<AppState>, mode: Mode, body: Body) -> HttpResponse {
             Some(cluster) => cluster.facts(&request).await,
             None => Facts::default(),
         };
-        let reviewer = &state.reviewer;
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            reviewer.review_with(mode, &request, facts)
-        }))
+        // Reviews are CPU work: off the async workers (which also serve the probes), and a
+        // panic in one is answered as a fail-closed denial.
+        let reviewer = state.reviewer.clone();
+        let uid = request.uid.clone();
+        let request = Arc::new(request);
+        let job = request.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let outcome = reviewer.review_with(mode, &job, facts);
+            drop(permit);
+            outcome
+        })
+        .await
         .unwrap_or_else(|_| {
             tracing::error!("review panicked; denying (fail closed)");
             Outcome {
                 response: Response::deny(
-                    &request.uid,
+                    &uid,
                     500,
                     "agentvm internal error, denying (fail closed)",
                 ),
@@ -221,19 +261,34 @@ async fn handle(state: Arc<AppState>, mode: Mode, body: Body) -> HttpResponse {
     .await
 }
 
-async fn read_request(state: &AppState, body: Body) -> Result<review::Request, HandlerError> {
+async fn read_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<review::Request, HandlerError> {
     let limit = state.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        // `to_bytes` reports the limit through the error's source chain.
-        let mut source: Option<&dyn std::error::Error> = Some(&e);
-        while let Some(s) = source {
-            if s.is::<http_body_util::LengthLimitError>() {
-                return HandlerError::TooLarge(limit);
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(HandlerError::TooLarge(limit));
+    }
+    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit));
+    let bytes = read
+        .await
+        .map_err(|_| HandlerError::Timeout)?
+        .map_err(|e| {
+            // `to_bytes` reports the limit through the error's source chain.
+            let mut source: Option<&dyn std::error::Error> = Some(&e);
+            while let Some(s) = source {
+                if s.is::<http_body_util::LengthLimitError>() {
+                    return HandlerError::TooLarge(limit);
+                }
+                source = s.source();
             }
-            source = s.source();
-        }
-        HandlerError::Body(e.to_string())
-    })?;
+            HandlerError::Body(e.to_string())
+        })?;
     Ok(review::parse(&bytes)?)
 }
 
@@ -322,6 +377,7 @@ pub async fn start(
     use crate::policies::Policies;
     use agentvm_common::reload::{spawn_watch, ReloadEvent, Reloadable};
 
+    agentvm_common::policy::set_evaluation_time_limit(POLICY_TIME_LIMIT);
     let policies = match &config.policies {
         Some(dir) => Policies::load_dir(dir)?,
         None => Policies::shipped()?,

@@ -417,3 +417,26 @@ async fn connect_reviews_look_their_pod_up() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_declared_body_is_refused_before_it_is_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = start("declared", None, server::DEFAULT_MAX_BODY_BYTES).await;
+    let tcp = TcpStream::connect(h.running.addr).await.unwrap();
+    let mut tls = h
+        .tls
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    let head = "POST /mutate HTTP/1.1\r\nhost: agentvm\r\ncontent-type: application/json\r\ncontent-length: 100000000\r\n\r\n";
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut reply = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    h.stop().await;
+}
