@@ -347,26 +347,34 @@ async fn serve_answers_with_the_rendered_configuration() {
         .as_str()
         .unwrap()
         .to_owned();
-    let mut post = |path: String, body: Value| {
+    async fn send(
+        sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        host: &str,
+        path: &str,
+        body: &Value,
+    ) -> Value {
+        sender.ready().await.unwrap();
         let req = hyper::Request::post(format!("{path}?timeout=5s"))
-            .header("host", service.clone())
+            .header("host", host)
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
             .unwrap();
-        let fut = sender.send_request(req);
-        async move {
-            let res = fut.await.unwrap();
-            let bytes = res.into_body().collect().await.unwrap().to_bytes();
-            serde_json::from_slice::<Value>(&bytes).unwrap()
-        }
-    };
+        let res = sender.send_request(req).await.unwrap();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice::<Value>(&bytes).unwrap()
+    }
+    macro_rules! post {
+        ($path:expr, $body:expr) => {
+            send(&mut sender, &service, &$path, &$body).await
+        };
+    }
     let captures = repo_tests().join("fixtures/captures");
     let read = |n: &str| -> Value {
         serde_json::from_str(&std::fs::read_to_string(captures.join(n)).unwrap()).unwrap()
     };
 
     let review = read("pod-create-agent-minimal.mutate.json");
-    let answer = post(path.clone(), review.clone()).await;
+    let answer = post!(path, review);
     assert_eq!(answer["response"]["allowed"], true, "{answer}");
     let out = agentvm_webhook::admission::Reviewer::fixed(
         agentvm_webhook::policies::Policies::load_dir(&dir.join("policies")).unwrap(),
@@ -383,7 +391,7 @@ async fn serve_answers_with_the_rendered_configuration() {
     // from the webhook entries.
     let mut in_release = review.clone();
     in_release["request"]["namespace"] = json!("agentvm-system");
-    let answer = post(path.clone(), in_release).await;
+    let answer = post!(path, in_release);
     assert!(answer["response"]["allowed"] == true && answer["response"].get("patch").is_none());
 
     let validating = find(&objects, "ValidatingWebhookConfiguration", "t-agentvm");
@@ -391,15 +399,11 @@ async fn serve_answers_with_the_rendered_configuration() {
         .as_str()
         .unwrap()
         .to_owned();
-    let answer = post(
-        vpath.clone(),
-        read("pod-update-remove-agent-label.validate.json"),
-    )
-    .await;
+    let answer = post!(vpath, read("pod-update-remove-agent-label.validate.json"));
     assert_eq!(answer["response"]["allowed"], false, "{answer}");
     // The chart sets connect_unknown_pod: deny; without cluster access exec into any pod that
     // reaches the webhook is refused with the reason.
-    let answer = post(vpath, read("pod-connect-exec.call1.validate.json")).await;
+    let answer = post!(vpath, read("pod-connect-exec.call1.validate.json"));
     assert_eq!(answer["response"]["allowed"], false, "{answer}");
     assert!(answer["response"]["status"]["message"]
         .as_str()
