@@ -138,7 +138,9 @@ fn serve(args: ServeArgs) -> ExitCode {
             ClusterAccess::Infer
         },
     };
+    // Large reviews run on the blocking pool; a few threads are enough and bound memory.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(4)
         .enable_all()
         .build()
     {

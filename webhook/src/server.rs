@@ -28,6 +28,10 @@ pub const MAX_IN_FLIGHT: usize = 16;
 /// How long a client may take to send a body, and a review may wait for a slot.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Requests up to this size are reviewed on the async worker that read them; larger ones on
+/// the blocking pool.
+const INLINE_REVIEW_BYTES: usize = 256 << 10;
+
 /// Wall-clock budget of one policy evaluation.
 pub const POLICY_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -177,7 +181,7 @@ async fn handle(state: Arc<AppState>, mode: Mode, headers: HeaderMap, body: Body
             Ok(p) => read_request(&state, &headers, body).await.map(|r| (p, r)),
             Err(e) => Err(e),
         };
-        let (permit, request) = match read {
+        let (permit, (request, body_len)) = match read {
             Ok(pair) => pair,
             Err(e) => {
                 let span = tracing::Span::current();
@@ -209,19 +213,12 @@ async fn handle(state: Arc<AppState>, mode: Mode, headers: HeaderMap, body: Body
             Some(cluster) => cluster.facts(&request).await,
             None => Facts::default(),
         };
-        // Reviews are CPU work: off the async workers (which also serve the probes), and a
-        // panic in one is answered as a fail-closed denial.
-        let reviewer = state.reviewer.clone();
+        // A review of a usual object takes well under a millisecond and runs right here; a
+        // large one (tens of thousands of containers take seconds) runs on the blocking pool,
+        // so that it cannot hold the async workers that also serve the probes. Either way a
+        // panic is answered as a fail-closed denial.
         let uid = request.uid.clone();
-        let request = Arc::new(request);
-        let job = request.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let outcome = reviewer.review_with(mode, &job, facts);
-            drop(permit);
-            outcome
-        })
-        .await
-        .unwrap_or_else(|_| {
+        let panicked = |_| {
             tracing::error!("review panicked; denying (fail closed)");
             Outcome {
                 response: Response::deny(
@@ -232,7 +229,26 @@ async fn handle(state: Arc<AppState>, mode: Mode, headers: HeaderMap, body: Body
                 verdict: Verdict::Error,
                 profile: None,
             }
-        });
+        };
+        let request = Arc::new(request);
+        let outcome = if body_len <= INLINE_REVIEW_BYTES {
+            let reviewer = &state.reviewer;
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                reviewer.review_with(mode, &request, facts)
+            }));
+            drop(permit);
+            out.unwrap_or_else(panicked)
+        } else {
+            let reviewer = state.reviewer.clone();
+            let job = request.clone();
+            tokio::task::spawn_blocking(move || {
+                let outcome = reviewer.review_with(mode, &job, facts);
+                drop(permit);
+                outcome
+            })
+            .await
+            .unwrap_or_else(|e| panicked(e.into_panic()))
+        };
         span.record("allowed", outcome.response.allowed);
         span.record("patched", outcome.response.patch.is_some());
         span.record("decision", outcome.verdict.as_str());
@@ -265,7 +281,7 @@ async fn read_request(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
-) -> Result<review::Request, HandlerError> {
+) -> Result<(review::Request, usize), HandlerError> {
     let limit = state.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -289,7 +305,7 @@ async fn read_request(
             }
             HandlerError::Body(e.to_string())
         })?;
-    Ok(review::parse(&bytes)?)
+    Ok((review::parse(&bytes)?, bytes.len()))
 }
 
 /// Everything `agentvm serve` needs, already parsed.
