@@ -89,7 +89,17 @@ impl Policies {
         sources.push(Source::new(RUNTIME_PATH, RUNTIME_MODULE));
         let set = PolicySet::from_sources(sources)?;
         let decision = set.entrypoint("data.agentvm_runtime.decision")?;
-        let raw = set.eval_rule("data.agentvm.settings", regorus::Value::new_object())?;
+        let raw = match set.eval_rule("data.agentvm.settings", regorus::Value::new_object()) {
+            Ok(raw) => raw,
+            // Most often a folder of user policies without the shipped ones.
+            Err(e) => {
+                return Err(LoadError::Settings(format!(
+                    "cannot be evaluated ({e}); note that a --policies folder replaces the \
+                     shipped policies, so it must hold them too (start from a copy of policies/ \
+                     and add yours beside them)"
+                )))
+            }
+        };
         if raw == regorus::Value::Undefined {
             return Err(LoadError::Settings(
                 "undefined (settings must not depend on input; see policies/README.md)".into(),
