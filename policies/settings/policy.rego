@@ -47,6 +47,15 @@ default_settings := {
 	},
 	# Mount path of the shared workspace (profile sidecar-exec).
 	"workspace_path": "/workspace",
+	# The deny-egress NetworkPolicy (agentvm-deny-egress) agentvm serve keeps in every namespace
+	# with agents; an agent is refused where it cannot be made.
+	"network": {
+		"manage_network_policy": true,
+		# DNS to the cluster DNS pods.
+		"cluster_dns": true,
+		# CIDRs of tool upstreams agents may reach.
+		"allowed_cidrs": [],
+	},
 	# Interactive access to agent pods.
 	"debug": {
 		# kubectl debug (ephemeral containers) on agent pods.

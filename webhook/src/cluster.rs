@@ -67,6 +67,11 @@ impl Cluster {
         })
     }
 
+    /// The client, for the other parts that talk to the cluster.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
     /// The pod `name` in `namespace`, as JSON.
     pub async fn pod(&self, namespace: &str, name: &str) -> Target {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);

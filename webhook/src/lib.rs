@@ -11,6 +11,7 @@ pub mod conformance;
 pub mod keys;
 pub mod metrics;
 pub mod mutate;
+pub mod network;
 pub mod offline;
 pub mod patch;
 pub mod podspec;

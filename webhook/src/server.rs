@@ -52,6 +52,8 @@ pub struct AppState {
     pub cluster: Option<crate::cluster::Cluster>,
     /// Slots for reviews in flight.
     pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// Keeps the deny-egress NetworkPolicy, with cluster access.
+    pub network: Option<crate::network::NetworkPolicies>,
 }
 
 impl AppState {
@@ -65,6 +67,7 @@ impl AppState {
             ready: AtomicBool::new(true),
             cluster: None,
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            network: None,
         }
     }
 }
@@ -249,6 +252,7 @@ async fn handle(state: Arc<AppState>, mode: Mode, headers: HeaderMap, body: Body
             .await
             .unwrap_or_else(|e| panicked(e.into_panic()))
         };
+        let outcome = ensure_network_policy(&state, mode, &request, outcome).await;
         span.record("allowed", outcome.response.allowed);
         span.record("patched", outcome.response.patch.is_some());
         span.record("decision", outcome.verdict.as_str());
@@ -275,6 +279,43 @@ async fn handle(state: Arc<AppState>, mode: Mode, headers: HeaderMap, body: Body
     }
     .instrument(span)
     .await
+}
+
+/// An agent is only admitted where the deny-egress NetworkPolicy exists: `/mutate` makes sure
+/// of it (creates or restores it; not on dry runs), and a failure denies (fail closed).
+async fn ensure_network_policy(
+    state: &AppState,
+    mode: Mode,
+    request: &review::Request,
+    outcome: Outcome,
+) -> Outcome {
+    let (Some(network), Some(_)) = (&state.network, outcome.profile) else {
+        return outcome;
+    };
+    let policies = state.reviewer.policies();
+    let settings = policies.settings();
+    if mode != Mode::Mutate || !outcome.response.allowed || !settings.network.manage_network_policy
+    {
+        return outcome;
+    }
+    let namespace = if request.namespace.is_empty() {
+        "default"
+    } else {
+        &request.namespace
+    };
+    match network.ensure(namespace, settings, request.dry_run).await {
+        Ok(()) => outcome,
+        Err(e) => {
+            tracing::error!(error = %e, "denying agent: no deny-egress NetworkPolicy");
+            let message =
+                format!("{e}; agentvm admits agents only where egress is denied (fail closed)");
+            Outcome {
+                response: Response::deny(&request.uid, 500, message),
+                verdict: Verdict::Error,
+                ..outcome
+            }
+        }
+    }
 }
 
 async fn read_request(
@@ -411,9 +452,17 @@ pub async fn start(
             }
         },
     };
+    let network = cluster
+        .as_ref()
+        .map(|c| crate::network::NetworkPolicies::new(c.client()));
+    if let Some(network) = &network {
+        let p = policies.clone();
+        network.spawn_reconciler(move || p.get(), std::time::Duration::from_secs(60));
+    }
     let state = Arc::new(AppState {
         max_body_bytes: config.max_body_bytes,
         access_log: config.access_log,
+        network,
         cluster,
         ..AppState::new(Reviewer::new(policies.clone()))
     });

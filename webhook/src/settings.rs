@@ -49,6 +49,21 @@ pub struct Settings {
     pub workspace_path: String,
     /// Interactive access to agent pods (`kubectl debug`, `exec`, `attach`, `port-forward`).
     pub debug: DebugSettings,
+    /// The deny-egress NetworkPolicy `serve` keeps in every namespace with agents.
+    pub network: NetworkSettings,
+}
+
+/// What the deny-egress NetworkPolicy lets agent pods reach.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSettings {
+    /// Create and keep the NetworkPolicy (needs cluster access); agents are refused where it
+    /// cannot be made.
+    pub manage_network_policy: bool,
+    /// Allow DNS to the cluster DNS pods (kube-system, `k8s-app: kube-dns`, port 53).
+    pub cluster_dns: bool,
+    /// CIDRs of tool upstreams the pods may reach.
+    pub allowed_cidrs: Vec<String>,
 }
 
 /// One injected container.

@@ -436,3 +436,128 @@ async fn an_oversized_declared_body_is_refused_before_it_is_sent() {
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
     h.stop().await;
 }
+
+/// A stand-in for the API server's NetworkPolicy and Namespace endpoints: a store that answers
+/// GET (404 with a Status when absent), POST (201) and PUT (200), and refuses every write in
+/// namespace `locked` (403), as RBAC would.
+#[derive(Clone, Default)]
+struct PolicyStore(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>);
+
+async fn stand_in_network_api(store: PolicyStore) -> SocketAddr {
+    use axum::extract::{Path, State};
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    fn status(code: u16, reason: &str, message: String) -> (StatusCode, axum::Json<Value>) {
+        (
+            StatusCode::from_u16(code).unwrap(),
+            axum::Json(json!({"kind": "Status", "apiVersion": "v1",
+            "status": "Failure", "reason": reason, "code": code, "message": message})),
+        )
+    }
+    let app = axum::Router::new()
+        .route("/api/v1/namespaces/{ns}", get(|Path(ns): Path<String>| async move {
+            status(404, "NotFound", format!("namespaces \"{ns}\" not found"))
+        }))
+        .route(
+            "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/{name}",
+            get(|State(s): State<PolicyStore>, Path((ns, name)): Path<(String, String)>| async move {
+                match s.0.lock().unwrap().get(&ns) {
+                    Some(p) => (StatusCode::OK, axum::Json(p.clone())),
+                    None => status(404, "NotFound", format!("networkpolicies \"{name}\" not found")),
+                }
+            })
+            .put(|State(s): State<PolicyStore>, Path((ns, _)): Path<(String, String)>, axum::Json(p): axum::Json<Value>| async move {
+                if ns == "locked" {
+                    return status(403, "Forbidden", "forbidden".into());
+                }
+                s.0.lock().unwrap().insert(ns, p.clone());
+                (StatusCode::OK, axum::Json(p))
+            }),
+        )
+        .route(
+            "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
+            axum::routing::post(|State(s): State<PolicyStore>, Path(ns): Path<String>, axum::Json(p): axum::Json<Value>| async move {
+                if ns == "locked" {
+                    return status(403, "Forbidden", "networkpolicies is forbidden".into());
+                }
+                s.0.lock().unwrap().insert(ns, p.clone());
+                (StatusCode::CREATED, axum::Json(p))
+            }),
+        )
+        .with_state(store);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_are_admitted_only_where_egress_is_denied() {
+    let store = PolicyStore::default();
+    let api = stand_in_network_api(store.clone()).await;
+    let config = kube::Config::new(format!("http://{api}").parse().unwrap());
+    let cluster = agentvm_webhook::cluster::Cluster::from_config(config).unwrap();
+    let h = start_with(
+        "netpol",
+        None,
+        server::DEFAULT_MAX_BODY_BYTES,
+        server::ClusterAccess::Given(cluster.clone()),
+    )
+    .await;
+    let mut s = h.connect().await;
+    let review = capture("pod-create-agent-minimal.mutate.json");
+    let ns = review["request"]["namespace"].as_str().unwrap().to_owned();
+
+    let mut dry = review.clone();
+    dry["request"]["dryRun"] = json!(true);
+    let (_, body) = post(&mut s, "/mutate", dry.to_string().into_bytes()).await;
+    assert_eq!(body["response"]["allowed"], true, "{body}");
+    assert!(
+        store.0.lock().unwrap().is_empty(),
+        "a dry run writes nothing"
+    );
+
+    let (_, body) = post(&mut s, "/mutate", review.to_string().into_bytes()).await;
+    assert_eq!(body["response"]["allowed"], true, "{body}");
+    let created = store
+        .0
+        .lock()
+        .unwrap()
+        .get(&ns)
+        .cloned()
+        .expect("NetworkPolicy created");
+    assert_eq!(created["metadata"]["name"], "agentvm-deny-egress");
+    assert_eq!(
+        created["spec"]["podSelector"]["matchLabels"]["agentvm.dev/egress"],
+        "deny"
+    );
+    assert_eq!(created["spec"]["policyTypes"], json!(["Egress"]));
+
+    let mut locked = review.clone();
+    locked["request"]["namespace"] = json!("locked");
+    locked["request"]["object"]["metadata"]["namespace"] = json!("locked");
+    let (_, body) = post(&mut s, "/mutate", locked.to_string().into_bytes()).await;
+    assert_eq!(body["response"]["allowed"], false, "{body}");
+    assert_eq!(body["response"]["status"]["code"], 500);
+    assert!(body["response"]["status"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("agentvm-deny-egress"));
+
+    // Deleted or loosened behind agentvm's back: the reconciler puts it back.
+    let network = h.running.state.network.clone().unwrap();
+    let settings = agentvm_webhook::policies::Policies::shipped()
+        .unwrap()
+        .settings()
+        .clone();
+    store.0.lock().unwrap().get_mut(&ns).unwrap()["spec"]["egress"] = json!([{}]);
+    network.reconcile_once(&settings).await;
+    assert_eq!(store.0.lock().unwrap()[&ns]["spec"], created["spec"]);
+    store.0.lock().unwrap().remove(&ns);
+    network.reconcile_once(&settings).await;
+    assert!(
+        store.0.lock().unwrap().contains_key(&ns),
+        "recreated after deletion"
+    );
+    h.stop().await;
+}

@@ -72,6 +72,10 @@ agentvm_settings:
   exec_endpoints:
     exec_pod: "http://agentvm-exec.{namespace}.svc:7412"
     dispatcher: "http://agentvm-dispatcher.{namespace}.svc:7412"
+  network:
+    manage_network_policy: true
+    cluster_dns: {{ .Values.egress.clusterDNS }}
+    allowed_cidrs: {{ toJson .Values.egress.allowedCIDRs }}
   debug:
     allow_ephemeral_containers: {{ .Values.settings.allowEphemeralContainers }}
     connect_allowed_groups: {{ toJson .Values.webhook.connectAllowedGroups }}

@@ -1,0 +1,194 @@
+//! The deny-egress NetworkPolicy: no agent pod is admitted into a namespace unless the policy
+//! that selects `agentvm.dev/egress: deny` exists there, or is created in the same admission (not
+//! on dry runs). A reconciler puts it back when it is deleted or changed.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, PostParams};
+use serde_json::{json, Value};
+
+use crate::keys::{EGRESS_LABEL, ROLE_LABEL};
+use crate::settings::Settings;
+
+/// Name of the NetworkPolicy in each agent namespace.
+pub const POLICY_NAME: &str = "agentvm-deny-egress";
+
+/// Label on the objects agentvm manages.
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+
+/// Why the NetworkPolicy could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// The API server refused or failed.
+    #[error("cannot ensure NetworkPolicy {POLICY_NAME} in namespace {namespace}: {message}")]
+    Api {
+        /// The namespace.
+        namespace: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// The NetworkPolicy agentvm wants in `namespace`.
+pub fn desired(namespace: &str, settings: &Settings) -> Value {
+    let mut egress = Vec::new();
+    if settings.network.cluster_dns {
+        egress.push(json!({
+            "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+            "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+        }));
+    }
+    egress.push(json!({
+        "to": [{"podSelector": {"matchLabels": {ROLE_LABEL: "exec"}}}],
+        "ports": [{"protocol": "TCP", "port": settings.exec.port}],
+    }));
+    for cidr in &settings.network.allowed_cidrs {
+        egress.push(json!({"to": [{"ipBlock": {"cidr": cidr}}]}));
+    }
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": POLICY_NAME, "namespace": namespace, "labels": {MANAGED_BY: "agentvm"}},
+        "spec": {
+            "podSelector": {"matchLabels": {EGRESS_LABEL: "deny"}},
+            "policyTypes": ["Egress"],
+            "egress": egress,
+        },
+    })
+}
+
+/// Keeps the NetworkPolicy in the namespaces where agents were admitted.
+#[derive(Clone)]
+pub struct NetworkPolicies {
+    client: kube::Client,
+    namespaces: Arc<Mutex<BTreeSet<String>>>,
+    verified: Arc<Mutex<std::collections::HashMap<String, std::time::Instant>>>,
+}
+
+/// How long a verified NetworkPolicy is trusted before an admission checks it again (the
+/// reconciler checks them all meanwhile).
+const VERIFIED_TTL: Duration = Duration::from_secs(30);
+
+impl std::fmt::Debug for NetworkPolicies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetworkPolicies").finish_non_exhaustive()
+    }
+}
+
+impl NetworkPolicies {
+    /// Over a cluster client.
+    pub fn new(client: kube::Client) -> Self {
+        Self {
+            client,
+            namespaces: Arc::default(),
+            verified: Arc::default(),
+        }
+    }
+
+    /// Makes sure the NetworkPolicy in `namespace` is the one wanted: created when missing,
+    /// replaced when changed. With `dry_run`, nothing is written (and a missing policy is not an
+    /// error: the dry run shows what the real request would do).
+    pub async fn ensure(
+        &self,
+        namespace: &str,
+        settings: &Settings,
+        dry_run: bool,
+    ) -> Result<(), NetworkError> {
+        let fresh = self
+            .verified
+            .lock()
+            .ok()
+            .and_then(|v| v.get(namespace).copied());
+        if fresh.is_some_and(|at| at.elapsed() < VERIFIED_TTL) {
+            return Ok(());
+        }
+        let result = self.check_and_fix(namespace, settings, dry_run).await;
+        if result.is_ok() && !dry_run {
+            if let Ok(mut v) = self.verified.lock() {
+                v.insert(namespace.to_owned(), std::time::Instant::now());
+            }
+        }
+        result
+    }
+
+    async fn check_and_fix(
+        &self,
+        namespace: &str,
+        settings: &Settings,
+        dry_run: bool,
+    ) -> Result<(), NetworkError> {
+        let err = |message: String| NetworkError::Api {
+            namespace: namespace.to_owned(),
+            message,
+        };
+        let api: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), namespace);
+        let want: NetworkPolicy =
+            serde_json::from_value(desired(namespace, settings)).map_err(|e| err(e.to_string()))?;
+        let current = tokio::time::timeout(Duration::from_secs(2), api.get_opt(POLICY_NAME))
+            .await
+            .map_err(|_| err("timed out".into()))?
+            .map_err(|e| err(e.to_string()))?;
+        if !dry_run {
+            if let Ok(mut set) = self.namespaces.lock() {
+                set.insert(namespace.to_owned());
+            }
+        }
+        match current {
+            Some(cur) if cur.spec == want.spec => Ok(()),
+            _ if dry_run => Ok(()),
+            Some(cur) => {
+                let mut replacement = want;
+                replacement.metadata.resource_version = cur.metadata.resource_version;
+                api.replace(POLICY_NAME, &PostParams::default(), &replacement)
+                    .await
+                    .map(|_| {
+                        tracing::warn!(
+                            namespace,
+                            "NetworkPolicy {POLICY_NAME} was changed; restored"
+                        )
+                    })
+                    .map_err(|e| err(e.to_string()))
+            }
+            None => api
+                .create(&PostParams::default(), &want)
+                .await
+                .map(|_| tracing::info!(namespace, "NetworkPolicy {POLICY_NAME} created"))
+                .map_err(|e| err(e.to_string())),
+        }
+    }
+
+    /// Puts back the NetworkPolicy in every namespace it was ensured in, where it was deleted
+    /// or changed.
+    pub async fn reconcile_once(&self, settings: &Settings) {
+        let namespaces: Vec<String> = match self.namespaces.lock() {
+            Ok(set) => set.iter().cloned().collect(),
+            Err(_) => return,
+        };
+        for ns in namespaces {
+            if let Err(e) = self.check_and_fix(&ns, settings, false).await {
+                tracing::error!(error = %e, "NetworkPolicy reconcile failed");
+            }
+        }
+    }
+
+    /// Every `interval`, puts back the NetworkPolicy in every namespace it was ensured in.
+    pub fn spawn_reconciler(
+        &self,
+        settings: impl Fn() -> Arc<crate::policies::Policies> + Send + 'static,
+        interval: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                this.reconcile_once(settings().settings()).await;
+            }
+        })
+    }
+}
