@@ -1,6 +1,17 @@
-//! agentvm-sidecar: the in-pod tool-call proxy, exec server and exec dispatcher (see issue 3).
+//! `agentvm-sidecar`: the in-pod tool-call proxy (`proxy`), the exec server (`exec`) and the
+//! startup probe of both (`probe`).
 
-fn main() {
-    eprintln!("agentvm-sidecar: not built yet in this revision");
-    std::process::exit(64);
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cli;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    if let Err(e) = agentvm_common::telemetry::init(args.log_format, &args.log_level) {
+        eprintln!("agentvm-sidecar: {e}");
+        return ExitCode::from(cli::EXIT_CONFIG);
+    }
+    cli::run(args)
 }

@@ -1,0 +1,195 @@
+//! Command-line interface. Every flag also reads an `AGENTVM_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentvm_common::telemetry::LogFormat;
+use agentvm_sidecar::exec::command::{base_env, Policy, DEFAULT_PATH};
+use agentvm_sidecar::exec::{self, server, ExecConfig, ExecState};
+use agentvm_sidecar::probe;
+use clap::{Parser, Subcommand};
+
+/// Exit status for bad configuration (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// agentvm-sidecar: the tool-call proxy and the exec server of an agent pod.
+#[derive(Debug, Parser)]
+#[command(name = "agentvm-sidecar", version)]
+pub struct Cli {
+    /// Log format: text or json.
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTVM_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter, RUST_LOG syntax.
+    #[arg(long, global = true, env = "AGENTVM_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// GET a loopback URL; exit 0 on a 2xx answer, 1 otherwise (the containers' startup probe).
+    Probe(ProbeArgs),
+    /// Serve the exec server: run commands in the workspace for the proxy.
+    Exec(ExecArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ProbeArgs {
+    /// http://host:port/path, on a loopback address.
+    url: String,
+    /// Milliseconds for the whole exchange.
+    #[arg(long, env = "AGENTVM_PROBE_TIMEOUT_MS", default_value_t = 1000)]
+    timeout_ms: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct ExecArgs {
+    /// Address of the exec API.
+    #[arg(long, env = "AGENTVM_LISTEN", default_value = "127.0.0.1:7412")]
+    listen: SocketAddr,
+    /// Workspace root: commands start here and cannot ask for a directory outside it.
+    #[arg(long, env = "AGENTVM_WORKSPACE", default_value = "/workspace")]
+    workspace: PathBuf,
+    /// Cap on each of stdout and stderr, in bytes; the rest is dropped and flagged.
+    #[arg(long, env = "AGENTVM_EXEC_MAX_OUTPUT_BYTES", default_value_t = server::DEFAULT_MAX_OUTPUT_BYTES)]
+    max_output_bytes: usize,
+    /// Time limit of a command that sets none, in milliseconds.
+    #[arg(
+        long,
+        env = "AGENTVM_EXEC_DEFAULT_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    default_timeout_ms: u64,
+    /// Largest time limit a request may set, in milliseconds.
+    #[arg(long, env = "AGENTVM_EXEC_MAX_TIMEOUT_MS", default_value_t = 600_000)]
+    max_timeout_ms: u64,
+    /// Commands running at once; further requests get HTTP 429.
+    #[arg(long, env = "AGENTVM_EXEC_MAX_CONCURRENT", default_value_t = server::DEFAULT_MAX_CONCURRENT)]
+    max_concurrent: usize,
+    /// Largest request body, in bytes; larger ones get HTTP 413.
+    #[arg(long, env = "AGENTVM_MAX_BODY_BYTES", default_value_t = server::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// PATH of commands.
+    #[arg(long, env = "AGENTVM_EXEC_PATH", default_value = DEFAULT_PATH)]
+    path: String,
+    /// TMPDIR of commands.
+    #[arg(long, env = "AGENTVM_EXEC_TMPDIR", default_value = "/tmp")]
+    tmpdir: String,
+    /// Variables of the server's own environment passed on to commands (comma-separated).
+    #[arg(long, env = "AGENTVM_EXEC_PASS_ENV", value_delimiter = ',')]
+    pass_env: Vec<String>,
+    /// Seconds commands in flight may take to finish after SIGTERM.
+    #[arg(long, env = "AGENTVM_GRACE_PERIOD", default_value_t = 20)]
+    grace_period: u64,
+    /// Log one INFO line per request.
+    #[arg(long, env = "AGENTVM_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    access_log: bool,
+}
+
+/// Runs the chosen command.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Probe(args) => run_probe(&args),
+        Command::Exec(args) => run_exec(args),
+    }
+}
+
+fn runtime(multi_thread: bool) -> Option<tokio::runtime::Runtime> {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    match builder.enable_all().build() {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("agentvm-sidecar: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
+fn run_probe(args: &ProbeArgs) -> ExitCode {
+    let Some(rt) = runtime(false) else {
+        return ExitCode::FAILURE;
+    };
+    let timeout = Duration::from_millis(args.timeout_ms);
+    match rt.block_on(probe::probe(&args.url, timeout)) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agentvm-sidecar probe {}: {e}", args.url);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn exec_config(args: &ExecArgs) -> Result<ExecConfig, String> {
+    let workspace = args
+        .workspace
+        .canonicalize()
+        .map_err(|e| format!("workspace {}: {e}", args.workspace.display()))?;
+    if !workspace.is_dir() {
+        return Err(format!(
+            "workspace {} is not a directory",
+            workspace.display()
+        ));
+    }
+    if args.max_concurrent == 0 {
+        return Err("--max-concurrent must be at least 1".into());
+    }
+    if args.default_timeout_ms == 0 || args.default_timeout_ms > args.max_timeout_ms {
+        return Err("--default-timeout-ms must be between 1 and --max-timeout-ms".into());
+    }
+    Ok(ExecConfig {
+        policy: Policy {
+            base_env: base_env(&workspace, &args.path, &args.tmpdir, &args.pass_env),
+            workspace,
+            default_timeout: Duration::from_millis(args.default_timeout_ms),
+            max_timeout: Duration::from_millis(args.max_timeout_ms),
+        },
+        max_output_bytes: args.max_output_bytes,
+        max_body_bytes: args.max_body_bytes,
+        max_concurrent: args.max_concurrent,
+        access_log: args.access_log,
+    })
+}
+
+fn run_exec(args: ExecArgs) -> ExitCode {
+    let config = match exec_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agentvm-sidecar exec: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(rt) = runtime(true) else {
+        return ExitCode::FAILURE;
+    };
+    let grace = Duration::from_secs(args.grace_period);
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("agentvm-sidecar exec: cannot listen on {}: {e}", args.listen);
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        tracing::info!(listen = %args.listen, workspace = %config.policy.workspace.display(), "exec server serving");
+        let app = exec::app(Arc::new(ExecState::new(config)));
+        let shutdown = agentvm_common::serve::shutdown_signal();
+        agentvm_common::serve::serve(listener, None, app, shutdown, grace).await;
+        // Commands still running after the grace period do not outlive the server.
+        agentvm_sidecar::reaper::kill_all();
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,6 @@
+//! The agentvm sidecar: the in-pod tool-call proxy, the exec server and the startup probe of
+//! both.
+
+pub mod exec;
+pub mod probe;
+pub mod reaper;
