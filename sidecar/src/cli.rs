@@ -10,6 +10,7 @@ use agentvm_common::telemetry::LogFormat;
 use agentvm_sidecar::exec::command::{base_env, Policy, DEFAULT_PATH};
 use agentvm_sidecar::exec::{self, server, ExecConfig, ExecState};
 use agentvm_sidecar::probe;
+use agentvm_sidecar::proxy::{self, config::ExecBackend, config::ProxyConfig, policy::ToolPolicy};
 use clap::{Parser, Subcommand};
 
 /// Exit status for bad configuration (EX_USAGE).
@@ -40,6 +41,58 @@ enum Command {
     Probe(ProbeArgs),
     /// Serve the exec server: run commands in the workspace for the proxy.
     Exec(ExecArgs),
+    /// Serve the tool-call proxy: MCP for the agent, every call decided by Rego and audited.
+    Proxy(ProxyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ProxyArgs {
+    /// Address of the MCP endpoint (/mcp).
+    #[arg(long, env = "AGENTVM_LISTEN", default_value = "127.0.0.1:7411")]
+    listen: SocketAddr,
+    /// Config file (YAML): upstreams and the exec backend. None: no upstream.
+    #[arg(long, env = "AGENTVM_PROXY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Tool policy folder (package agentvm.tools), reloaded when it changes; the shipped
+    /// policy when unset.
+    #[arg(long, env = "AGENTVM_POLICIES")]
+    policies: Option<PathBuf>,
+    /// Exec backend base URL; overrides the config file's exec.endpoint.
+    #[arg(long, env = "AGENTVM_EXEC_ENDPOINT")]
+    exec_endpoint: Option<String>,
+    /// Pod name of the agent (downward API).
+    #[arg(long, env = "AGENTVM_POD_NAME", default_value = "")]
+    pod_name: String,
+    /// Namespace of the agent (downward API).
+    #[arg(long, env = "AGENTVM_POD_NAMESPACE", default_value = "")]
+    pod_namespace: String,
+    /// Service account of the agent (downward API).
+    #[arg(long, env = "AGENTVM_SERVICE_ACCOUNT", default_value = "")]
+    service_account: String,
+    /// Effective profile of the agent.
+    #[arg(long, env = "AGENTVM_PROFILE", default_value = "")]
+    profile: String,
+    /// Upstream time limit, in milliseconds.
+    #[arg(long, env = "AGENTVM_UPSTREAM_TIMEOUT_MS", default_value_t = proxy::state::DEFAULT_UPSTREAM_TIMEOUT_MS)]
+    upstream_timeout_ms: u64,
+    /// Largest upstream response, in bytes.
+    #[arg(long, env = "AGENTVM_MAX_RESPONSE_BYTES", default_value_t = proxy::state::DEFAULT_MAX_RESPONSE_BYTES)]
+    max_response_bytes: usize,
+    /// Largest request body, in bytes; larger ones get HTTP 413.
+    #[arg(long, env = "AGENTVM_MAX_BODY_BYTES", default_value_t = proxy::state::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// Origins accepted besides loopback ones (comma-separated).
+    #[arg(long, env = "AGENTVM_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+    /// Seconds between checks of the policy folder.
+    #[arg(long, env = "AGENTVM_RELOAD_INTERVAL", default_value_t = 10)]
+    reload_interval: u64,
+    /// Seconds calls in flight may take to finish after SIGTERM.
+    #[arg(long, env = "AGENTVM_GRACE_PERIOD", default_value_t = 20)]
+    grace_period: u64,
+    /// Log one INFO line per HTTP request (audit records are always written).
+    #[arg(long, env = "AGENTVM_ACCESS_LOG", default_value_t = false, action = clap::ArgAction::Set)]
+    access_log: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -100,6 +153,7 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Probe(args) => run_probe(&args),
         Command::Exec(args) => run_exec(args),
+        Command::Proxy(args) => run_proxy(args),
     }
 }
 
@@ -189,6 +243,98 @@ fn run_exec(args: ExecArgs) -> ExitCode {
         agentvm_common::serve::serve(listener, None, app, shutdown, grace).await;
         // Commands still running after the grace period do not outlive the server.
         agentvm_sidecar::reaper::kill_all();
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+fn run_proxy(args: ProxyArgs) -> ExitCode {
+    use agentvm_common::reload::{spawn_watch, ReloadEvent, Reloadable};
+    let config = match &args.config {
+        Some(path) => ProxyConfig::load(path),
+        None => Ok(ProxyConfig::default()),
+    };
+    let mut config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agentvm-sidecar proxy: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(endpoint) = args.exec_endpoint.clone().filter(|e| !e.is_empty()) {
+        config.exec = Some(ExecBackend { endpoint });
+        if let Err(e) = config.check() {
+            eprintln!("agentvm-sidecar proxy: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    let policy = match &args.policies {
+        Some(dir) => ToolPolicy::load_dir(dir),
+        None => ToolPolicy::shipped(),
+    };
+    let policy = match policy {
+        Ok(p) => Arc::new(Reloadable::new(p)),
+        Err(e) => {
+            eprintln!("agentvm-sidecar proxy: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let settings = proxy::ProxySettings {
+        agent: proxy::policy::Agent {
+            pod: args.pod_name.clone(),
+            namespace: args.pod_namespace.clone(),
+            service_account: args.service_account.clone(),
+            profile: args.profile.clone(),
+        },
+        max_body_bytes: args.max_body_bytes,
+        limits: proxy::upstream::Limits {
+            timeout: Duration::from_millis(args.upstream_timeout_ms.max(1)),
+            max_response_bytes: args.max_response_bytes,
+        },
+        allowed_origins: args.allowed_origins.clone(),
+        access_log: args.access_log,
+    };
+    let Some(rt) = runtime(true) else {
+        return ExitCode::FAILURE;
+    };
+    let grace = Duration::from_secs(args.grace_period);
+    rt.block_on(async move {
+        if let Some(dir) = args.policies.clone() {
+            let load_dir = dir.clone();
+            spawn_watch(
+                policy.clone(),
+                vec![dir],
+                Duration::from_secs(args.reload_interval.max(1)),
+                move || ToolPolicy::load_dir(&load_dir),
+                |event| match event {
+                    ReloadEvent::Reloaded => tracing::info!("tool policy reloaded"),
+                    ReloadEvent::Rejected(e) => tracing::error!(
+                        error = %e,
+                        "tool policy update rejected; the last good policy stays in force"
+                    ),
+                },
+            );
+        }
+        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!(
+                    "agentvm-sidecar proxy: cannot listen on {}: {e}",
+                    args.listen
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        tracing::info!(
+            listen = %args.listen,
+            upstreams = config.upstreams.len(),
+            exec = config.exec.is_some(),
+            policy = policy.get().origin(),
+            "proxy serving"
+        );
+        let state = Arc::new(proxy::ProxyState::new(&config, policy, settings));
+        let shutdown = agentvm_common::serve::shutdown_signal();
+        agentvm_common::serve::serve(listener, None, proxy::app(state), shutdown, grace).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })

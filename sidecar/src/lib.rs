@@ -3,4 +3,5 @@
 
 pub mod exec;
 pub mod probe;
+pub mod proxy;
 pub mod reaper;

@@ -1,0 +1,65 @@
+# Tool-call policy of the agentvm proxy (package agentvm.tools).
+#
+# The proxy asks this policy about every tool it lists and every call it forwards. `input`:
+#   method     "tools/list" (no arguments) or "tools/call"
+#   upstream   the upstream's name from the proxy config; "agentvm" for the built-in exec tool
+#   tool       the tool name as the agent sees it ("github__create_issue", "exec")
+#   arguments  the call's arguments (absent when listing)
+#   agent      {pod, namespace, service_account, profile}
+#
+# A call goes through when `allow` is true and `deny` is empty: nothing is allowed unless a rule
+# says so, and any deny message wins. The agent never sees deny messages; they go to the audit
+# record, and the agent gets the same error as for a tool that does not exist.
+#
+# To write your own, copy this folder, keep the package name, and point the proxy at it with
+# --policies. Rule names stay inside this package so that they never meet the webhook's rules.
+package agentvm.tools
+
+default allow := false
+
+# Profiles with an exec surface.
+exec_profiles := {"sidecar-exec", "exec-pod", "dispatcher"}
+
+# Programs the exec tool never runs, by base name.
+blocked_programs := {"nsenter", "mount", "umount", "chroot", "unshare", "setpriv", "capsh"}
+
+# Tools of the upstreams the platform configured are allowed.
+allow if {
+	input.upstream != "agentvm"
+	input.upstream != ""
+}
+
+# The built-in exec tool, for profiles that have an exec surface.
+allow if {
+	input.upstream == "agentvm"
+	input.tool == "exec"
+	input.agent.profile in exec_profiles
+}
+
+deny contains msg if {
+	input.method == "tools/call"
+	input.tool == "exec"
+	first := input.arguments.argv[0]
+	is_string(first)
+	program := base_name(first)
+	program in blocked_programs
+	msg := sprintf("exec of %s is blocked", [program])
+}
+
+deny contains "exec needs argv as a non-empty list of strings" if {
+	input.method == "tools/call"
+	input.tool == "exec"
+	not valid_argv(input.arguments)
+}
+
+valid_argv(args) if {
+	count(args.argv) > 0
+	every a in args.argv {
+		is_string(a)
+	}
+}
+
+base_name(path) := name if {
+	parts := split(path, "/")
+	name := parts[count(parts) - 1]
+}

@@ -1,0 +1,59 @@
+//! One audit record per tool call, as a tracing event with target `agentvm::audit` (a JSON line
+//! with `--log-format json`). Argument values never appear: only their SHA-256.
+
+use std::time::Instant;
+
+use serde_json::Value;
+
+use super::policy::Agent;
+
+/// The facts of one call.
+#[derive(Debug)]
+pub struct Record<'a> {
+    /// The caller.
+    pub agent: &'a Agent,
+    /// Tool name as the agent sent it.
+    pub tool: &'a str,
+    /// Upstream name (`agentvm` for exec), empty for a name that resolves to nothing.
+    pub upstream: &'a str,
+    /// `allow`, `deny`, `error` (policy failed) or `unknown`.
+    pub decision: &'static str,
+    /// Deny messages, or the failure.
+    pub reason: String,
+    /// SHA-256 of the canonical JSON of the arguments.
+    pub args_digest: &'a str,
+    /// When the call arrived.
+    pub started: Instant,
+    /// Size of the result in bytes.
+    pub result_bytes: usize,
+    /// The result's `isError`, when there is a result or an error.
+    pub is_error: Option<bool>,
+}
+
+impl Record<'_> {
+    /// Writes the record.
+    pub fn emit(&self) {
+        tracing::info!(
+            target: "agentvm::audit",
+            decision = self.decision,
+            agent.pod = %self.agent.pod,
+            agent.namespace = %self.agent.namespace,
+            agent.service_account = %self.agent.service_account,
+            agent.profile = %self.agent.profile,
+            upstream = self.upstream,
+            tool = self.tool,
+            reason = %self.reason,
+            latency_us = self.started.elapsed().as_micros() as u64,
+            args_sha256 = self.args_digest,
+            result_bytes = self.result_bytes,
+            is_error = self.is_error,
+            "tool call"
+        );
+    }
+}
+
+/// Hex SHA-256 of the arguments as JSON text.
+pub fn digest(arguments: &Value) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, arguments.to_string().as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}

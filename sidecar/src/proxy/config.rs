@@ -1,0 +1,199 @@
+//! The proxy's config file (YAML): the upstream MCP servers it fronts and where the built-in
+//! exec tool goes.
+//!
+//! ```yaml
+//! upstreams:
+//!   - name: github                 # tools appear to the agent as github__<tool>
+//!     url: http://mcp-github.tools.svc:8080/mcp
+//!     credentialFile: /var/run/agentvm/credentials/github   # optional bearer token
+//! exec:
+//!   endpoint: http://127.0.0.1:7412   # optional: enables the built-in exec tool
+//! ```
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Separator between the upstream name and the upstream's tool name in the names the agent
+/// sees. Upstream names cannot contain `_`, so the first `__` always ends the upstream name.
+pub const TOOL_SEPARATOR: &str = "__";
+
+/// The upstream name the built-in tools (exec) are decided under.
+pub const BUILTIN_UPSTREAM: &str = "agentvm";
+
+/// The whole config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxyConfig {
+    /// Upstream MCP servers.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// The exec backend, when the profile has an exec surface.
+    #[serde(default)]
+    pub exec: Option<ExecBackend>,
+}
+
+/// One upstream MCP server (Streamable HTTP).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UpstreamConfig {
+    /// Lowercase letters, digits and `-`; prefixes its tool names.
+    pub name: String,
+    /// `http://host:port/path` of its MCP endpoint.
+    pub url: String,
+    /// File holding a bearer token sent upstream (re-read on every call, trailing newline
+    /// stripped). Mounted into the proxy container only.
+    #[serde(default)]
+    pub credential_file: Option<PathBuf>,
+}
+
+/// Where the built-in exec tool sends commands.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExecBackend {
+    /// Base URL of an exec server or dispatcher (`POST {endpoint}/v1/exec`).
+    pub endpoint: String,
+}
+
+/// Why a config file is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML for this schema.
+    #[error("config is not valid: {0}")]
+    Parse(#[source] serde_yaml::Error),
+    /// A value is out of bounds.
+    #[error("config is not valid: {0}")]
+    Invalid(String),
+}
+
+impl ProxyConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and checks config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: ProxyConfig = if text.trim().is_empty() {
+            ProxyConfig::default()
+        } else {
+            serde_yaml::from_str(text).map_err(ConfigError::Parse)?
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks names and URLs (done by [`ProxyConfig::parse`]; call again after changing it).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let mut seen = HashSet::new();
+        for u in &self.upstreams {
+            if !valid_name(&u.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "upstream name {:?} must be 1-32 lowercase letters, digits or '-'",
+                    u.name
+                )));
+            }
+            if u.name == BUILTIN_UPSTREAM {
+                return Err(ConfigError::Invalid(format!(
+                    "upstream name {BUILTIN_UPSTREAM:?} is reserved"
+                )));
+            }
+            if !seen.insert(u.name.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "upstream name {:?} appears twice",
+                    u.name
+                )));
+            }
+            check_url(&u.url, &format!("upstream {}", u.name))?;
+        }
+        if let Some(exec) = &self.exec {
+            check_url(&exec.endpoint, "exec endpoint")?;
+        }
+        Ok(())
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn check_url(url: &str, what: &str) -> Result<(), ConfigError> {
+    let parsed: Result<axum::http::Uri, _> = url.parse();
+    match parsed {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => Ok(()),
+        _ => Err(ConfigError::Invalid(format!(
+            "{what}: url {url:?} must be http://host[:port]/path (https is not supported yet)"
+        ))),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = ProxyConfig::parse(
+            "upstreams:\n  - name: github\n    url: http://mcp-github.tools.svc:8080/mcp\n    \
+             credentialFile: /var/run/agentvm/credentials/github\nexec:\n  endpoint: \
+             http://127.0.0.1:7412\n",
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].name, "github");
+        assert_eq!(
+            c.upstreams[0].credential_file.as_deref(),
+            Some(Path::new("/var/run/agentvm/credentials/github"))
+        );
+        assert_eq!(c.exec.unwrap().endpoint, "http://127.0.0.1:7412");
+        assert_eq!(ProxyConfig::parse("").unwrap(), ProxyConfig::default());
+    }
+
+    #[test]
+    fn refuses_bad_configs() {
+        for (text, needle) in [
+            (
+                "upstreams:\n  - name: Git_Hub\n    url: http://h/",
+                "lowercase",
+            ),
+            (
+                "upstreams:\n  - name: agentvm\n    url: http://h/",
+                "reserved",
+            ),
+            (
+                "upstreams:\n  - {name: a, url: 'http://h/'}\n  - {name: a, url: 'http://i/'}",
+                "twice",
+            ),
+            (
+                "upstreams:\n  - name: a\n    url: https://h/",
+                "must be http",
+            ),
+            (
+                "upstreams:\n  - name: a\n    url: http://h/\n    token: x",
+                "unknown field",
+            ),
+            ("exec:\n  endpoint: /tmp/sock", "must be http"),
+        ] {
+            let err = ProxyConfig::parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+}

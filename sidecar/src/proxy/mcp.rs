@@ -1,0 +1,260 @@
+//! The MCP methods the proxy answers, on parsed JSON-RPC messages. Anything that reaches an
+//! upstream passes policy first; methods the proxy does not know are refused, so there is no
+//! way around the tool policy.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::audit;
+use super::config::{BUILTIN_UPSTREAM, TOOL_SEPARATOR};
+use super::exec_tool::{self, EXEC_TOOL};
+use super::policy::DecisionInput;
+use super::state::ProxyState;
+
+/// Protocol revisions the proxy speaks, newest first.
+pub const PROTOCOL_VERSIONS: [&str; 3] = ["2025-11-25", "2025-06-18", "2025-03-26"];
+
+/// JSON-RPC error codes.
+pub mod code {
+    /// The body is not JSON.
+    pub const PARSE_ERROR: i64 = -32700;
+    /// Not a valid JSON-RPC request (batches included).
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// The method is not offered.
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// Bad parameters, and unknown or denied tools.
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// An upstream or backend failed.
+    pub const INTERNAL_ERROR: i64 = -32603;
+}
+
+/// A JSON-RPC error answer.
+pub fn error(id: &Value, code: i64, message: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+}
+
+fn result(id: &Value, result: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "result": result})
+}
+
+/// The answer to `initialize`: the client's revision when the proxy speaks it, else the
+/// newest.
+pub fn initialize(id: &Value, params: &Value) -> Value {
+    let asked = params.get("protocolVersion").and_then(Value::as_str);
+    let version = asked
+        .filter(|v| PROTOCOL_VERSIONS.contains(v))
+        .unwrap_or(PROTOCOL_VERSIONS[0]);
+    result(
+        id,
+        json!({
+            "protocolVersion": version,
+            "capabilities": {"tools": {"listChanged": false}},
+            "serverInfo": {"name": "agentvm-proxy", "version": env!("CARGO_PKG_VERSION")},
+            "instructions": "Tools are named <upstream>__<tool>; exec runs commands in the workspace.",
+        }),
+    )
+}
+
+/// Answers one request (a message with an id).
+pub async fn request(state: &Arc<ProxyState>, id: &Value, method: &str, params: &Value) -> Value {
+    match method {
+        "initialize" => initialize(id, params),
+        "ping" => result(id, json!({})),
+        "tools/list" => result(id, json!({"tools": list_tools(state).await})),
+        "tools/call" => call_tool(state, id, params).await,
+        _ => error(
+            id,
+            code::METHOD_NOT_FOUND,
+            &format!("method not found: {method}"),
+        ),
+    }
+}
+
+/// What a tool name the agent sent refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The built-in exec tool.
+    Exec,
+    /// Upstream number `index`, tool `tool` (its own name).
+    Upstream {
+        /// Index in the config.
+        index: usize,
+        /// The upstream's name for the tool.
+        tool: String,
+    },
+}
+
+/// Resolves a tool name; `None` for a name that cannot exist.
+pub fn resolve(state: &ProxyState, name: &str) -> Option<Target> {
+    if name == EXEC_TOOL {
+        return state.exec_endpoint.as_ref().map(|_| Target::Exec);
+    }
+    let (upstream, tool) = name.split_once(TOOL_SEPARATOR)?;
+    let index = state
+        .upstreams
+        .iter()
+        .position(|u| u.config.name == upstream)?;
+    (!tool.is_empty()).then(|| Target::Upstream {
+        index,
+        tool: tool.to_owned(),
+    })
+}
+
+fn upstream_name<'a>(state: &'a ProxyState, target: &Target) -> &'a str {
+    match target {
+        Target::Exec => BUILTIN_UPSTREAM,
+        Target::Upstream { index, .. } => state
+            .upstreams
+            .get(*index)
+            .map_or("", |u| u.config.name.as_str()),
+    }
+}
+
+async fn list_tools(state: &Arc<ProxyState>) -> Vec<Value> {
+    let policy = state.policy.get();
+    let mut tools = Vec::new();
+    let mut offer = |upstream: &str, def: Value| {
+        let Some(name) = def.get("name").and_then(Value::as_str) else {
+            return;
+        };
+        let decision = policy.decide(&DecisionInput {
+            method: "tools/list",
+            upstream,
+            tool: name,
+            arguments: None,
+            agent: &state.agent,
+        });
+        if decision.allowed {
+            tools.push(def);
+        }
+    };
+    if state.exec_endpoint.is_some() {
+        offer(BUILTIN_UPSTREAM, exec_tool::definition());
+    }
+    let fetches = state.upstreams.iter().map(|u| {
+        let state = state.clone();
+        let u = u.clone();
+        tokio::spawn(async move {
+            let listed = u.list_tools(&state.client, state.limits).await;
+            (u.config.name.clone(), listed)
+        })
+    });
+    let fetches: Vec<_> = fetches.collect();
+    for f in fetches {
+        let Ok((name, listed)) = f.await else {
+            continue;
+        };
+        let list = match listed {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(upstream = %name, error = %e, "tools/list failed; its tools are left out");
+                continue;
+            }
+        };
+        for tool in &list {
+            let Some(own) = tool.get("name").and_then(Value::as_str) else {
+                continue;
+            };
+            let mut def = tool.clone();
+            def["name"] = Value::String(format!("{name}{TOOL_SEPARATOR}{own}"));
+            offer(&name, def);
+        }
+    }
+    tools
+}
+
+async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Value {
+    let started = Instant::now();
+    let Some(name) = params.get("name").and_then(Value::as_str) else {
+        return error(id, code::INVALID_PARAMS, "tools/call needs params.name");
+    };
+    let empty = json!({});
+    let arguments = params.get("arguments").unwrap_or(&empty);
+    let digest = audit::digest(arguments);
+    let unknown = || error(id, code::INVALID_PARAMS, &format!("Unknown tool: {name}"));
+    let mut record = audit::Record {
+        agent: &state.agent,
+        tool: name,
+        upstream: "",
+        decision: "unknown",
+        reason: String::new(),
+        args_digest: &digest,
+        started,
+        result_bytes: 0,
+        is_error: None,
+    };
+    let Some(target) = resolve(state, name) else {
+        record.reason = "no such tool".into();
+        record.emit();
+        return unknown();
+    };
+    let upstream = upstream_name(state, &target);
+    record.upstream = upstream;
+    let decision = state.policy.get().decide(&DecisionInput {
+        method: "tools/call",
+        upstream,
+        tool: name,
+        arguments: Some(arguments),
+        agent: &state.agent,
+    });
+    if !decision.allowed {
+        // The agent gets the unknown-tool error; the reasons go to the audit record only.
+        record.decision = if decision.error { "error" } else { "deny" };
+        record.reason = decision.reasons.join("; ");
+        record.emit();
+        return unknown();
+    }
+    record.decision = "allow";
+    let answer = match &target {
+        Target::Exec => {
+            let endpoint = state.exec_endpoint.as_deref().unwrap_or_default();
+            match exec_tool::call(&state.client, state.limits, endpoint, arguments).await {
+                Ok(r) => result(id, r),
+                Err(e) => error(id, code::INTERNAL_ERROR, &e.to_string()),
+            }
+        }
+        Target::Upstream { index, tool } => {
+            let Some(u) = state.upstreams.get(*index) else {
+                return unknown();
+            };
+            match u.has_tool(&state.client, state.limits, tool).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    record.decision = "unknown";
+                    record.reason = "the upstream has no such tool".into();
+                    record.emit();
+                    return unknown();
+                }
+                Err(e) => {
+                    record.reason = e.to_string();
+                    record.is_error = Some(true);
+                    record.emit();
+                    return error(id, code::INTERNAL_ERROR, &e.to_string());
+                }
+            }
+            let forwarded = json!({"name": tool, "arguments": arguments});
+            match u
+                .request(&state.client, state.limits, "tools/call", forwarded)
+                .await
+            {
+                Ok(mut a) => {
+                    // The upstream's own id is never the agent's.
+                    a["id"] = id.clone();
+                    a
+                }
+                Err(e) => error(id, code::INTERNAL_ERROR, &e.to_string()),
+            }
+        }
+    };
+    if let Some(r) = answer.get("result") {
+        record.result_bytes = r.to_string().len();
+        record.is_error = Some(r.get("isError").and_then(Value::as_bool).unwrap_or(false));
+    } else if let Some(e) = answer.pointer("/error/message").and_then(Value::as_str) {
+        record.reason = e.to_owned();
+        record.is_error = Some(true);
+    }
+    record.emit();
+    answer
+}

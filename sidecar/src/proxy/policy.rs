@@ -1,0 +1,223 @@
+//! Tool-call decisions with Rego (package `agentvm.tools`): `allow` (default false) and `deny`
+//! (a set of messages that wins). A policy that fails to evaluate denies (fail closed).
+
+use std::path::Path;
+
+use agentvm_common::policy::{read_dir, Entrypoint, PolicyError, PolicySet, Source};
+use regorus::Value;
+use serde::Serialize;
+
+/// The policy shipped in the binary (`policies/tools/`).
+const SHIPPED: &str = include_str!("../../../policies/tools/policy.rego");
+
+/// Added to every policy set: one entry point with the documented defaults, so that a policy
+/// without `deny` rules (or without any rule) still loads, and a decision is one evaluation.
+const RUNTIME: &str = r#"package agentvm_proxy_runtime
+
+default allow := false
+
+allow := data.agentvm.tools.allow
+
+default deny := set()
+
+deny := data.agentvm.tools.deny
+
+decision := {"allow": allow, "deny": deny}
+"#;
+
+/// Who is calling, from the downward API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Agent {
+    /// Pod name.
+    pub pod: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Service account.
+    pub service_account: String,
+    /// Effective profile.
+    pub profile: String,
+}
+
+/// What policy is asked.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecisionInput<'a> {
+    /// `tools/list` or `tools/call`.
+    pub method: &'a str,
+    /// Upstream name (`agentvm` for built-in tools).
+    pub upstream: &'a str,
+    /// Tool name as the agent sees it.
+    pub tool: &'a str,
+    /// Call arguments; absent when listing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<&'a serde_json::Value>,
+    /// The calling agent.
+    pub agent: &'a Agent,
+}
+
+/// What policy said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The call may go through.
+    pub allowed: bool,
+    /// Why not (deny messages, or the evaluation error).
+    pub reasons: Vec<String>,
+    /// Evaluation failed (and so the call was denied).
+    pub error: bool,
+}
+
+/// A compiled tool policy.
+#[derive(Debug, Clone)]
+pub struct ToolPolicy {
+    decision: Entrypoint,
+    origin: String,
+}
+
+impl ToolPolicy {
+    /// The policy shipped in the binary.
+    pub fn shipped() -> Result<Self, PolicyError> {
+        let sources = vec![Source::new("tools/policy.rego", SHIPPED)];
+        Self::from_sources(sources, "shipped".into())
+    }
+
+    /// Every `.rego` file and data document under `dir`.
+    pub fn load_dir(dir: &Path) -> Result<Self, PolicyError> {
+        Self::from_sources(read_dir(dir)?, dir.display().to_string())
+    }
+
+    /// Compiles `sources` with the proxy's entry point.
+    pub fn from_sources(mut sources: Vec<Source>, origin: String) -> Result<Self, PolicyError> {
+        sources.push(Source::new("agentvm-proxy-runtime.rego", RUNTIME));
+        let set = PolicySet::from_sources(sources)?;
+        Ok(Self {
+            decision: set.entrypoint("data.agentvm_proxy_runtime.decision")?,
+            origin,
+        })
+    }
+
+    /// Where the policy came from, for logs.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Decides one listing entry or call.
+    pub fn decide(&self, input: &DecisionInput<'_>) -> Decision {
+        let json = match serde_json::to_value(input) {
+            Ok(v) => v,
+            Err(e) => return fail(format!("cannot build the policy input: {e}")),
+        };
+        let decision = match self.decision.eval(Value::from(json)) {
+            Ok(v) => v,
+            Err(e) => return fail(e.to_string()),
+        };
+        let allow = match &decision["allow"] {
+            Value::Bool(b) => *b,
+            other => return fail(format!("allow must be a boolean, got {other}")),
+        };
+        let reasons: Vec<String> = match &decision["deny"] {
+            Value::Set(items) => items.iter().map(message).collect(),
+            Value::Array(items) => items.iter().map(message).collect(),
+            other => return fail(format!("deny must be a set, got {other}")),
+        };
+        let allowed = allow && reasons.is_empty();
+        let mut reasons = reasons;
+        if !allowed && reasons.is_empty() {
+            reasons.push("no rule allows it".into());
+        }
+        Decision {
+            allowed,
+            reasons,
+            error: false,
+        }
+    }
+}
+
+fn message(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn fail(reason: String) -> Decision {
+    Decision {
+        allowed: false,
+        reasons: vec![format!("policy error: {reason}")],
+        error: true,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn agent(profile: &str) -> Agent {
+        Agent {
+            profile: profile.into(),
+            ..Agent::default()
+        }
+    }
+
+    fn decide(p: &ToolPolicy, upstream: &str, tool: &str, args: serde_json::Value) -> Decision {
+        let agent = agent("sidecar-exec");
+        p.decide(&DecisionInput {
+            method: "tools/call",
+            upstream,
+            tool,
+            arguments: Some(&args),
+            agent: &agent,
+        })
+    }
+
+    fn policy(text: &str) -> ToolPolicy {
+        ToolPolicy::from_sources(vec![Source::new("p.rego", text)], "test".into()).unwrap()
+    }
+
+    #[test]
+    fn a_policy_without_rules_denies_everything() {
+        let p = policy("package agentvm.tools\n");
+        let d = decide(&p, "u", "a", json!({}));
+        assert_eq!((d.allowed, d.error), (false, false));
+    }
+
+    #[test]
+    fn shipped_policy_allows_upstream_tools_and_gates_exec() {
+        let p = ToolPolicy::shipped().unwrap();
+        assert!(decide(&p, "github", "github__x", json!({})).allowed);
+        assert!(decide(&p, "agentvm", "exec", json!({"argv": ["ls"]})).allowed);
+        let d = decide(&p, "agentvm", "exec", json!({"argv": ["/bin/nsenter"]}));
+        assert!(!d.allowed);
+        assert_eq!(d.reasons, ["exec of nsenter is blocked"]);
+    }
+
+    #[test]
+    fn default_is_deny_and_deny_wins() {
+        let p = policy(
+            "package agentvm.tools\n\nallow if input.tool == \"a\"\n\nallow if input.tool == \"b\"\n\n\
+             deny contains \"b is bad\" if input.tool == \"b\"\n",
+        );
+        assert!(decide(&p, "u", "a", json!({})).allowed);
+        let b = decide(&p, "u", "b", json!({}));
+        assert_eq!(
+            (b.allowed, b.reasons.as_slice()),
+            (false, &["b is bad".to_owned()][..])
+        );
+        let c = decide(&p, "u", "c", json!({}));
+        assert_eq!(
+            (c.allowed, c.reasons.as_slice()),
+            (false, &["no rule allows it".to_owned()][..])
+        );
+    }
+
+    #[test]
+    fn evaluation_errors_deny() {
+        let p = policy("package agentvm.tools\n\nallow if to_number(input.arguments.n) > 0\n");
+        let d = decide(&p, "u", "a", json!({"n": "not a number"}));
+        assert!(!d.allowed);
+        assert!(
+            d.error || d.reasons.iter().any(|r| r.contains("policy")),
+            "{d:?}"
+        );
+    }
+}

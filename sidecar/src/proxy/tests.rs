@@ -1,0 +1,369 @@
+//! The proxy through its router, in front of a small MCP upstream served on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentvm_common::policy::Source;
+use agentvm_common::reload::Reloadable;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use super::config::ProxyConfig;
+use super::policy::{Agent, ToolPolicy};
+use super::upstream::Limits;
+use super::{app, ProxySettings, ProxyState};
+
+const TOKEN: &str = "s3cr3t-token";
+
+/// What the upstream saw: headers and bodies of every request.
+#[derive(Default)]
+struct Seen {
+    headers: Vec<HeaderMap>,
+    bodies: Vec<Value>,
+}
+
+type Log = Arc<Mutex<Seen>>;
+
+/// A minimal MCP server: tools `echo` and `hidden`; answers in SSE when `sse` is set.
+async fn upstream(log: Log, sse: bool) -> String {
+    async fn handle(
+        State((log, sse)): State<(Log, bool)>,
+        headers: HeaderMap,
+        body: String,
+    ) -> Response {
+        let msg: Value = serde_json::from_str(&body).unwrap();
+        {
+            let mut seen = log.lock().unwrap();
+            seen.headers.push(headers.clone());
+            seen.bodies.push(msg.clone());
+        }
+        let Some(id) = msg.get("id").cloned() else {
+            return StatusCode::ACCEPTED.into_response();
+        };
+        let result = match msg["method"].as_str().unwrap() {
+            "initialize" => json!({"protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
+                                   "serverInfo": {"name": "mock", "version": "1"}}),
+            "tools/list" => json!({"tools": [
+                {"name": "echo", "inputSchema": {"type": "object"}},
+                {"name": "hidden", "inputSchema": {"type": "object"}},
+            ]}),
+            "tools/call" => {
+                let auth = headers
+                    .get("authorization")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                json!({"content": [{"type": "text",
+                    "text": format!("{} {}", msg["params"]["arguments"], auth.unwrap_or_default())}]})
+            }
+            _ => return StatusCode::BAD_REQUEST.into_response(),
+        };
+        let answer = json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string();
+        if sse {
+            let body = format!(
+                "event: message\ndata: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}}\n\n\
+                 event: message\ndata: {answer}\n\n"
+            );
+            (
+                [
+                    ("content-type", "text/event-stream"),
+                    ("mcp-session-id", "up-1"),
+                ],
+                body,
+            )
+                .into_response()
+        } else {
+            (
+                [
+                    ("content-type", "application/json"),
+                    ("mcp-session-id", "up-1"),
+                ],
+                answer,
+            )
+                .into_response()
+        }
+    }
+    let router = Router::new()
+        .route("/mcp", post(handle))
+        .with_state((log, sse));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}/mcp")
+}
+
+/// Allows `up__echo` and the exec tool; `up__hidden` is denied.
+const POLICY: &str = r#"package agentvm.tools
+
+allow if input.upstream == "up"
+
+allow if input.tool == "exec"
+
+deny contains "hidden is off limits" if input.tool == "up__hidden"
+"#;
+
+fn credential_file() -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("agentvm-cred-{}", std::process::id()));
+    std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
+    path
+}
+
+fn proxy(url: &str, timeout: Duration) -> Router {
+    let config = ProxyConfig::parse(&format!(
+        "upstreams:\n  - name: up\n    url: {url}\n    credentialFile: {}\nexec:\n  endpoint: http://127.0.0.1:9\n",
+        credential_file().display()
+    ))
+    .unwrap();
+    let policy =
+        ToolPolicy::from_sources(vec![Source::new("p.rego", POLICY)], "test".into()).unwrap();
+    let settings = ProxySettings {
+        agent: Agent {
+            pod: "p".into(),
+            namespace: "ns".into(),
+            service_account: "sa".into(),
+            profile: "sidecar-exec".into(),
+        },
+        max_body_bytes: 64 * 1024,
+        limits: Limits {
+            timeout,
+            max_response_bytes: 1 << 20,
+        },
+        allowed_origins: vec![],
+        access_log: false,
+    };
+    app(Arc::new(ProxyState::new(
+        &config,
+        Arc::new(Reloadable::new(policy)),
+        settings,
+    )))
+}
+
+async fn send(
+    app: &Router,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, Value) {
+    let mut req = Request::post("/mcp")
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let response = app
+        .clone()
+        .oneshot(req.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let json = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    (status, headers, json)
+}
+
+fn call(id: i64, name: &str, arguments: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": name, "arguments": arguments}})
+}
+
+#[tokio::test]
+async fn initialize_negotiates_and_opens_a_session() {
+    let app = proxy("http://127.0.0.1:9/mcp", Duration::from_secs(1));
+    let init = |v: &str| {
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": v, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})
+    };
+    let (status, headers, body) = send(&app, init("2025-06-18"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["result"]["protocolVersion"], "2025-06-18");
+    let session = headers
+        .get("mcp-session-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(session.len(), 32);
+    let (_, _, body) = send(&app, init("1999-01-01"), &[]).await;
+    assert_eq!(body["result"]["protocolVersion"], "2025-11-25");
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    assert_eq!(
+        send(&app, note, &[("mcp-session-id", &session)]).await.0,
+        StatusCode::ACCEPTED
+    );
+    let ping = json!({"jsonrpc": "2.0", "id": 2, "method": "ping"});
+    assert_eq!(
+        send(&app, ping.clone(), &[("mcp-session-id", "nope")])
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    let (status, _, body) = send(&app, ping, &[("mcp-session-id", &session)]).await;
+    assert_eq!((status, &body["result"]), (StatusCode::OK, &json!({})));
+}
+
+#[tokio::test]
+async fn tools_are_listed_with_prefixes_and_filtered_by_policy() {
+    for sse in [false, true] {
+        let log = Log::default();
+        let app = proxy(&upstream(log.clone(), sse).await, Duration::from_secs(5));
+        let (status, _, body) = send(
+            &app,
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+            &[],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let names: Vec<&str> = body["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["exec", "up__echo"], "sse={sse}");
+    }
+}
+
+#[tokio::test]
+async fn calls_are_forwarded_with_the_credential_and_nothing_of_the_agent() {
+    let log = Log::default();
+    let app = proxy(&upstream(log.clone(), false).await, Duration::from_secs(5));
+    let agent_headers = [
+        ("authorization", "Bearer agent-token"),
+        ("cookie", "c=1"),
+        ("x-custom", "1"),
+    ];
+    let (status, _, body) = send(&app, call(7, "up__echo", json!({"a": 1})), &agent_headers).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["id"], 7);
+    // The upstream echoed the Authorization it got, which the proxy then redacted.
+    assert_eq!(
+        body["result"]["content"][0]["text"],
+        "{\"a\":1} Bearer [redacted]"
+    );
+    let seen = log.lock().unwrap();
+    let methods: Vec<&str> = seen
+        .bodies
+        .iter()
+        .map(|b| b["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            "initialize",
+            "notifications/initialized",
+            "tools/list",
+            "tools/call"
+        ]
+    );
+    assert_eq!(seen.bodies[3]["params"]["name"], "echo");
+    for h in &seen.headers {
+        assert_eq!(h.get("authorization").unwrap(), &format!("Bearer {TOKEN}"));
+        assert!(h.get("cookie").is_none() && h.get("x-custom").is_none());
+    }
+    assert_eq!(seen.headers[3].get("mcp-session-id").unwrap(), "up-1");
+}
+
+#[tokio::test]
+async fn denied_and_unknown_tools_get_the_same_error() {
+    let log = Log::default();
+    let app = proxy(&upstream(log.clone(), false).await, Duration::from_secs(5));
+    let (_, _, denied) = send(&app, call(1, "up__hidden", json!({})), &[]).await;
+    assert_eq!(denied["error"]["code"], -32602);
+    for name in [
+        "up__nothing_here",
+        "nope__echo",
+        "UP__echo",
+        "up__",
+        "up_echo",
+    ] {
+        let (_, _, unknown) = send(&app, call(1, name, json!({})), &[]).await;
+        assert_eq!(unknown["error"]["code"], denied["error"]["code"], "{name}");
+        assert_eq!(
+            unknown["error"]["message"]
+                .as_str()
+                .unwrap()
+                .replace(name, "X"),
+            denied["error"]["message"]
+                .as_str()
+                .unwrap()
+                .replace("up__hidden", "X"),
+        );
+    }
+    // up__nothing_here is allowed by policy and so forwarded (the upstream decides it does not
+    // exist); the denied one never left the proxy.
+    let seen = log.lock().unwrap();
+    assert!(seen.bodies.iter().all(|b| b["params"]["name"] != "hidden"));
+}
+
+#[tokio::test]
+async fn batches_bad_origins_and_unknown_methods_are_refused() {
+    let log = Log::default();
+    let app = proxy(&upstream(log.clone(), false).await, Duration::from_secs(5));
+    let (status, _, body) = send(&app, json!([call(1, "up__echo", json!({}))]), &[]).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_i64()),
+        (StatusCode::BAD_REQUEST, Some(-32600))
+    );
+    let (status, _, _) = send(
+        &app,
+        call(1, "up__echo", json!({})),
+        &[("origin", "http://evil.example")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = send(
+        &app,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}),
+        &[("origin", "http://localhost:3000")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    for method in ["resources/read", "prompts/get", "tools/lsit"] {
+        let (_, _, body) = send(
+            &app,
+            json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": {}}),
+            &[],
+        )
+        .await;
+        assert_eq!(body["error"]["code"], -32601, "{method}");
+    }
+    let (status, _, body) = send(&app, json!({"id": 1, "method": "ping"}), &[]).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_i64()),
+        (StatusCode::BAD_REQUEST, Some(-32600))
+    );
+    let mismatch = [("mcp-method", "tools/list")];
+    let (status, _, _) = send(&app, call(1, "up__echo", json!({})), &mismatch).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        log.lock().unwrap().bodies.is_empty(),
+        "nothing reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_upstream_is_an_error_not_a_hang() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let app = proxy(&url, Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let (status, _, body) = send(&app, call(1, "up__echo", json!({})), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["error"]["code"], -32603);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("did not answer"));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    drop(listener);
+}

@@ -1,0 +1,439 @@
+//! Talking to upstream MCP servers over Streamable HTTP, as a client: one session per upstream
+//! (opened lazily with `initialize`, re-opened once when the upstream forgets it), JSON or SSE
+//! answers, a time limit and a size limit on every exchange.
+//!
+//! Every request is built from scratch: nothing the agent sent (its `Authorization`, cookies,
+//! other headers) reaches an upstream. The upstream's credential is added here, and removed
+//! from any error text before it can reach the agent or a log.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{header, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+use super::config::UpstreamConfig;
+
+/// The protocol revision the proxy asks upstreams for.
+pub const UPSTREAM_PROTOCOL: &str = "2025-06-18";
+
+/// The HTTP client shared by all upstreams.
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Builds the shared HTTP client.
+pub fn http_client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// Limits of every upstream exchange.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Whole exchange, connect to last byte.
+    pub timeout: Duration,
+    /// Largest response body.
+    pub max_response_bytes: usize,
+}
+
+/// Why an upstream exchange failed. Messages never hold the credential.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No answer in time.
+    #[error("upstream {0} did not answer in time")]
+    Timeout(String),
+    /// Connection or protocol failure.
+    #[error("upstream {name} is unreachable: {message}")]
+    Transport {
+        /// Upstream name.
+        name: String,
+        /// What failed (credential removed).
+        message: String,
+    },
+    /// A status other than 200/202.
+    #[error("upstream {name} answered HTTP {status}")]
+    Status {
+        /// Upstream name.
+        name: String,
+        /// The status.
+        status: u16,
+    },
+    /// The body is over the limit.
+    #[error("upstream {0} sent a response over the size limit")]
+    TooLarge(String),
+    /// The body holds no JSON-RPC answer to the request.
+    #[error("upstream {name} sent a bad response: {message}")]
+    BadResponse {
+        /// Upstream name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The credential file cannot be read.
+    #[error("credential of upstream {0} cannot be read")]
+    Credential(String),
+}
+
+#[derive(Debug, Default, Clone)]
+struct Session {
+    id: Option<String>,
+    protocol: String,
+}
+
+/// One upstream and its session.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Its config entry.
+    pub config: UpstreamConfig,
+    session: Mutex<Option<Session>>,
+    /// Tool names from its last `tools/list`, so that calls to tools it does not have get the
+    /// proxy's own unknown-tool error (the same as for a denied one).
+    known_tools: std::sync::Mutex<Option<std::collections::HashSet<String>>>,
+}
+
+impl Upstream {
+    /// An upstream with no session yet.
+    pub fn new(config: UpstreamConfig) -> Self {
+        Self {
+            config,
+            session: Mutex::new(None),
+            known_tools: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Lists the upstream's tools (following `nextCursor`, at most 100 pages) and remembers
+    /// their names.
+    pub async fn list_tools(
+        &self,
+        client: &HttpClient,
+        limits: Limits,
+    ) -> Result<Vec<Value>, UpstreamError> {
+        let mut tools = Vec::new();
+        let mut cursor: Option<Value> = None;
+        for _ in 0..100 {
+            let params = match &cursor {
+                Some(c) => json!({"cursor": c}),
+                None => json!({}),
+            };
+            let answer = self.request(client, limits, "tools/list", params).await?;
+            let Some(page) = answer.pointer("/result/tools").and_then(Value::as_array) else {
+                return Err(self.bad("tools/list answer has no tools"));
+            };
+            tools.extend(page.iter().cloned());
+            cursor = answer.pointer("/result/nextCursor").cloned();
+            if cursor.as_ref().is_none_or(Value::is_null) {
+                break;
+            }
+        }
+        let names = tools
+            .iter()
+            .filter_map(|t| t.get("name").and_then(Value::as_str).map(str::to_owned))
+            .collect();
+        if let Ok(mut known) = self.known_tools.lock() {
+            *known = Some(names);
+        }
+        Ok(tools)
+    }
+
+    /// Whether the upstream has `tool`, from its last listing; lists again when the name is
+    /// not there (tools come and go).
+    pub async fn has_tool(
+        &self,
+        client: &HttpClient,
+        limits: Limits,
+        tool: &str,
+    ) -> Result<bool, UpstreamError> {
+        let cached = self
+            .known_tools
+            .lock()
+            .ok()
+            .and_then(|k| k.as_ref().map(|set| set.contains(tool)));
+        if cached == Some(true) {
+            return Ok(true);
+        }
+        let tools = self.list_tools(client, limits).await?;
+        Ok(tools
+            .iter()
+            .any(|t| t.get("name").and_then(Value::as_str) == Some(tool)))
+    }
+
+    /// Sends one JSON-RPC request and returns the JSON-RPC response object (with `result` or
+    /// `error`).
+    pub async fn request(
+        &self,
+        client: &HttpClient,
+        limits: Limits,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, UpstreamError> {
+        let name = self.config.name.clone();
+        match tokio::time::timeout(
+            limits.timeout,
+            self.request_inner(client, limits, method, params),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Timeout(name)),
+        }
+    }
+
+    async fn request_inner(
+        &self,
+        client: &HttpClient,
+        limits: Limits,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, UpstreamError> {
+        for attempt in 0..2 {
+            let session = self.session(client, limits).await?;
+            let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+            match self.post(client, limits, Some(&session), &body).await {
+                // The upstream forgot the session (restart): open a new one, once.
+                Err(UpstreamError::Status { status: 404, .. })
+                    if attempt == 0 && session.id.is_some() =>
+                {
+                    *self.session.lock().await = None;
+                }
+                other => return other.and_then(|(v, _)| v.ok_or_else(|| self.bad("empty answer"))),
+            }
+        }
+        Err(self.bad("session lost twice"))
+    }
+
+    async fn session(&self, client: &HttpClient, limits: Limits) -> Result<Session, UpstreamError> {
+        let mut guard = self.session.lock().await;
+        if let Some(s) = guard.as_ref() {
+            return Ok(s.clone());
+        }
+        let init = json!({
+            "jsonrpc": "2.0", "id": 0, "method": "initialize",
+            "params": {
+                "protocolVersion": UPSTREAM_PROTOCOL,
+                "capabilities": {},
+                "clientInfo": {"name": "agentvm-proxy", "version": env!("CARGO_PKG_VERSION")},
+            },
+        });
+        let (answer, id) = self.post(client, limits, None, &init).await?;
+        let answer = answer.ok_or_else(|| self.bad("no answer to initialize"))?;
+        let protocol = answer
+            .pointer("/result/protocolVersion")
+            .and_then(Value::as_str)
+            .ok_or_else(|| self.bad("initialize failed"))?
+            .to_owned();
+        let session = Session { id, protocol };
+        let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        self.post(client, limits, Some(&session), &note).await?;
+        *guard = Some(session.clone());
+        Ok(session)
+    }
+
+    fn bad(&self, message: &str) -> UpstreamError {
+        UpstreamError::BadResponse {
+            name: self.config.name.clone(),
+            message: message.to_owned(),
+        }
+    }
+
+    fn credential(&self) -> Result<Option<String>, UpstreamError> {
+        let Some(path) = &self.config.credential_file else {
+            return Ok(None);
+        };
+        // Re-read every time: a rotated token is used from the next call on.
+        let text = std::fs::read_to_string(path)
+            .map_err(|_| UpstreamError::Credential(self.config.name.clone()))?;
+        Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()))
+    }
+
+    /// POSTs one message; returns the JSON-RPC answer (none for a notification) and the
+    /// session id header.
+    async fn post(
+        &self,
+        client: &HttpClient,
+        limits: Limits,
+        session: Option<&Session>,
+        body: &Value,
+    ) -> Result<(Option<Value>, Option<String>), UpstreamError> {
+        let name = &self.config.name;
+        let token = self.credential()?;
+        let scrub = |text: String| match &token {
+            Some(t) if !t.is_empty() => text.replace(t.as_str(), "[redacted]"),
+            _ => text,
+        };
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(&self.config.url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json, text/event-stream");
+        if let Some(s) = session {
+            req = req.header("mcp-protocol-version", s.protocol.as_str());
+            if let Some(id) = &s.id {
+                req = req.header("mcp-session-id", id.as_str());
+            }
+        }
+        if let Some(t) = &token {
+            let value = HeaderValue::from_str(&format!("Bearer {t}"))
+                .map_err(|_| UpstreamError::Credential(name.clone()))?;
+            req = req.header(header::AUTHORIZATION, value);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| UpstreamError::Transport {
+                name: name.clone(),
+                message: scrub(e.to_string()),
+            })?;
+        let response = client
+            .request(req)
+            .await
+            .map_err(|e| UpstreamError::Transport {
+                name: name.clone(),
+                message: scrub(error_chain(&e)),
+            })?;
+        let status = response.status();
+        let session_id = response
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let is_sse = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if status == StatusCode::ACCEPTED {
+            return Ok((None, session_id));
+        }
+        if status != StatusCode::OK {
+            return Err(UpstreamError::Status {
+                name: name.clone(),
+                status: status.as_u16(),
+            });
+        }
+        let want_answer = body.get("id").is_some();
+        let mut body_stream = Limited::new(response.into_body(), limits.max_response_bytes);
+        if !want_answer {
+            return Ok((None, session_id));
+        }
+        // Whatever the upstream sends back (results, error texts) loses the credential.
+        let answer = if is_sse {
+            read_sse_answer(&mut body_stream, body.get("id"), &scrub).await
+        } else {
+            match body_stream.collect().await {
+                Ok(c) => {
+                    let text = scrub(String::from_utf8_lossy(&c.to_bytes()).into_owned());
+                    serde_json::from_str(&text).map_err(|e| e.to_string())
+                }
+                Err(e) => Err(limit_or(e)),
+            }
+        };
+        match answer {
+            Ok(v) => Ok((Some(v), session_id)),
+            Err(m) if m == LIMIT => Err(UpstreamError::TooLarge(name.clone())),
+            Err(m) => Err(self.bad(&scrub(m))),
+        }
+    }
+}
+
+const LIMIT: &str = "size limit";
+
+fn limit_or(e: Box<dyn std::error::Error + Send + Sync>) -> String {
+    if e.is::<http_body_util::LengthLimitError>() {
+        LIMIT.to_owned()
+    } else {
+        e.to_string()
+    }
+}
+
+/// Reads server-sent events until the JSON-RPC response whose id is `id` (requests and
+/// notifications the upstream sends first are skipped).
+async fn read_sse_answer<B>(
+    body: &mut B,
+    id: Option<&Value>,
+    scrub: &(dyn Fn(String) -> String + Sync),
+) -> Result<Value, String>
+where
+    B: http_body::Body<Data = Bytes, Error = Box<dyn std::error::Error + Send + Sync>> + Unpin,
+{
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        while let Some(end) = find_event_end(&buf) {
+            let event: Vec<u8> = buf.drain(..end).collect();
+            let data = scrub(sse_data(&event));
+            if data.is_empty() {
+                continue;
+            }
+            if let Ok(v) = serde_json::from_str::<Value>(&data) {
+                let is_answer = v.get("method").is_none()
+                    && (v.get("result").is_some() || v.get("error").is_some());
+                if is_answer && (id.is_none() || v.get("id") == id) {
+                    return Ok(v);
+                }
+            }
+        }
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                }
+            }
+            Some(Err(e)) => return Err(limit_or(e)),
+            None => return Err("stream ended without an answer".into()),
+        }
+    }
+}
+
+/// Index just past the blank line that ends the first event, if the buffer holds one.
+fn find_event_end(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The `data:` lines of one event, joined with newlines.
+fn sse_data(event: &[u8]) -> String {
+    let text = String::from_utf8_lossy(event);
+    let mut out = String::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("data:") {
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(rest.strip_prefix(' ').unwrap_or(rest));
+        }
+    }
+    out
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_events_are_split_and_joined() {
+        let buf = b"event: message\ndata: {\"a\":\ndata: 1}\n\nrest";
+        let end = find_event_end(buf).unwrap();
+        assert_eq!(sse_data(&buf[..end]), "{\"a\":\n1}");
+        assert_eq!(find_event_end(b"data: x\r\n\r\n"), Some(11));
+        assert_eq!(find_event_end(b"data: x\n"), None);
+    }
+}
