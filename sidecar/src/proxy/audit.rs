@@ -24,6 +24,8 @@ pub struct Record<'a> {
     pub args_digest: &'a str,
     /// When the call arrived.
     pub started: Instant,
+    /// Time spent waiting for the upstream or exec backend, in microseconds.
+    pub upstream_us: u64,
     /// Size of the result in bytes.
     pub result_bytes: usize,
     /// The result's `isError`, when there is a result or an error.
@@ -44,6 +46,7 @@ impl Record<'_> {
             tool = self.tool,
             reason = %self.reason,
             latency_us = self.started.elapsed().as_micros() as u64,
+            upstream_us = self.upstream_us,
             args_sha256 = self.args_digest,
             result_bytes = self.result_bytes,
             is_error = self.is_error,

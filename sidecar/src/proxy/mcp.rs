@@ -182,6 +182,7 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Value
         reason: String::new(),
         args_digest: &digest,
         started,
+        upstream_us: 0,
         result_bytes: 0,
         is_error: None,
     };
@@ -207,6 +208,7 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Value
         return unknown();
     }
     record.decision = "allow";
+    let forwarded_at = Instant::now();
     let answer = match &target {
         Target::Exec => {
             let endpoint = state.exec_endpoint.as_deref().unwrap_or_default();
@@ -248,6 +250,7 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Value
             }
         }
     };
+    record.upstream_us = forwarded_at.elapsed().as_micros() as u64;
     if let Some(r) = answer.get("result") {
         record.result_bytes = r.to_string().len();
         record.is_error = Some(r.get("isError").and_then(Value::as_bool).unwrap_or(false));
