@@ -381,6 +381,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn concurrent_load_runs_at_most_the_limit_and_refuses_the_rest() {
+        let config = ExecConfig {
+            max_concurrent: 3,
+            ..config()
+        };
+        let app = app(Arc::new(ExecState::new(config)));
+        let calls: Vec<_> = (0..12)
+            .map(|_| {
+                let app = app.clone();
+                tokio::spawn(async move { call(&app, r#"{"argv": ["sleep", "0.5"]}"#).await })
+            })
+            .collect();
+        let mut ok = 0;
+        let mut busy = 0;
+        for c in calls {
+            let (status, retry, _) = c.await.unwrap();
+            match status {
+                StatusCode::OK => ok += 1,
+                StatusCode::TOO_MANY_REQUESTS => {
+                    assert_eq!(retry.as_deref(), Some(RETRY_AFTER_SECS));
+                    busy += 1;
+                }
+                other => panic!("unexpected {other}"),
+            }
+        }
+        assert_eq!((ok, busy), (3, 9));
+    }
+
+    #[tokio::test]
     async fn health_endpoints_answer() {
         let app = app(Arc::new(ExecState::new(config())));
         for path in ["/v1/health", "/healthz"] {

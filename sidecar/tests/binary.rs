@@ -1,0 +1,150 @@
+//! The `agentvm-sidecar` binary as the kubelet and the proxy use it: the startup probe against
+//! a running exec server, a command through it, and a clean stop on SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_agentvm-sidecar");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn probe(url: &str) -> bool {
+    Command::new(BIN)
+        .args(["probe", url])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn wait_ready(url: &str) {
+    let started = Instant::now();
+    while !probe(url) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{url} never came up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One HTTP/1.1 POST with `Connection: close`; the raw answer.
+fn post(port: u16, path: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn exec_server_answers_the_probe_runs_commands_and_stops_on_sigterm() {
+    let workspace = std::env::temp_dir().join(format!("agentvm-bin-ws-{}", std::process::id()));
+    std::fs::create_dir_all(&workspace).unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    assert!(!probe(&url), "nothing listens yet: the probe must fail");
+    let mut server = Server(
+        Command::new(BIN)
+            .args([
+                "exec",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--workspace",
+            ])
+            .arg(&workspace)
+            .env("AGENTVM_LOG_LEVEL", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(&url);
+    let answer = post(port, "/v1/exec", r#"{"argv": ["sh", "-c", "pwd"]}"#);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let canonical = workspace.canonicalize().unwrap();
+    assert!(
+        answer.contains(&format!("{}\\n", canonical.display())),
+        "{answer}"
+    );
+    // A command in flight when SIGTERM arrives finishes within the grace period.
+    let slow = std::thread::spawn(move || post(port, "/v1/exec", r#"{"argv": ["sleep", "0.5"]}"#));
+    std::thread::sleep(Duration::from_millis(150));
+    sigterm(&server.0);
+    let answer = slow.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"exit_code\":0"), "{answer}");
+    let status = server.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+    std::fs::remove_dir_all(&workspace).unwrap();
+}
+
+#[test]
+fn bad_configuration_exits_with_64() {
+    let status = Command::new(BIN)
+        .args(["exec", "--workspace", "/nonexistent/agentvm"])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(64));
+    let bad = std::env::temp_dir().join(format!("agentvm-bad-{}.yaml", std::process::id()));
+    std::fs::write(&bad, "upstreams:\n  - name: Bad_Name\n    url: http://h/\n").unwrap();
+    let status = Command::new(BIN)
+        .args(["proxy", "--config"])
+        .arg(&bad)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(64));
+    std::fs::remove_file(&bad).unwrap();
+}
+
+#[test]
+fn proxy_answers_the_probe_and_mcp() {
+    let port = free_port();
+    let _server = Server(
+        Command::new(BIN)
+            .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
+            .env("AGENTVM_LOG_LEVEL", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(&format!("http://127.0.0.1:{port}/healthz"));
+    let answer = post(
+        port,
+        "/mcp",
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""tools":[]"#), "{answer}");
+}
