@@ -8,6 +8,10 @@
 //!     credentialFile: /var/run/agentvm/credentials/github   # optional bearer token
 //! exec:
 //!   endpoint: http://127.0.0.1:7412   # optional: enables the built-in exec tool
+//! rateLimits:                         # optional
+//!   - tool: exec                      # or "*" for every tool without its own entry
+//!     perMinute: 60
+//!     burst: 10                       # optional, perMinute when unset
 //! ```
 
 use std::collections::HashSet;
@@ -32,6 +36,23 @@ pub struct ProxyConfig {
     /// The exec backend, when the profile has an exec surface.
     #[serde(default)]
     pub exec: Option<ExecBackend>,
+    /// Per-tool rate limits; tools with no entry (and no `"*"` entry) are not limited.
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitConfig>,
+}
+
+/// A rate limit of one tool (`tool: exec`, `tool: github__create_issue`) or of every tool
+/// without its own entry (`tool: "*"`), each tool with its own budget.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitConfig {
+    /// Tool name as the agent sees it, or `*`.
+    pub tool: String,
+    /// Calls a minute, on average.
+    pub per_minute: u32,
+    /// Calls that may come at once after a quiet spell; `perMinute` when unset.
+    #[serde(default)]
+    pub burst: Option<u32>,
 }
 
 /// One upstream MCP server (Streamable HTTP).
@@ -123,6 +144,21 @@ impl ProxyConfig {
         if let Some(exec) = &self.exec {
             check_url(&exec.endpoint, "exec endpoint")?;
         }
+        let mut limited = HashSet::new();
+        for l in &self.rate_limits {
+            if l.per_minute == 0 || l.burst == Some(0) {
+                return Err(ConfigError::Invalid(format!(
+                    "rate limit of {:?}: perMinute and burst must be at least 1",
+                    l.tool
+                )));
+            }
+            if !limited.insert(l.tool.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "rate limit of {:?} appears twice",
+                    l.tool
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -191,6 +227,11 @@ mod tests {
                 "unknown field",
             ),
             ("exec:\n  endpoint: /tmp/sock", "must be http"),
+            ("rateLimits:\n  - {tool: exec, perMinute: 0}", "at least 1"),
+            (
+                "rateLimits:\n  - {tool: x, perMinute: 1}\n  - {tool: x, perMinute: 2}",
+                "twice",
+            ),
         ] {
             let err = ProxyConfig::parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");

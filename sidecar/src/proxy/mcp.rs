@@ -3,7 +3,7 @@
 //! way around the tool policy.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -57,18 +57,40 @@ pub fn initialize(id: &Value, params: &Value) -> Value {
     )
 }
 
+/// The answer to one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// The JSON-RPC response.
+    pub body: Value,
+    /// Set when a rate limit refused the call: HTTP 429 with this Retry-After.
+    pub retry_after: Option<Duration>,
+}
+
+impl From<Value> for Answer {
+    fn from(body: Value) -> Self {
+        Self {
+            body,
+            retry_after: None,
+        }
+    }
+}
+
+/// JSON-RPC error code of a call refused by a rate limit.
+pub const RATE_LIMITED: i64 = -32000;
+
 /// Answers one request (a message with an id).
-pub async fn request(state: &Arc<ProxyState>, id: &Value, method: &str, params: &Value) -> Value {
+pub async fn request(state: &Arc<ProxyState>, id: &Value, method: &str, params: &Value) -> Answer {
     match method {
-        "initialize" => initialize(id, params),
-        "ping" => result(id, json!({})),
-        "tools/list" => result(id, json!({"tools": list_tools(state).await})),
+        "initialize" => initialize(id, params).into(),
+        "ping" => result(id, json!({})).into(),
+        "tools/list" => result(id, json!({"tools": list_tools(state).await})).into(),
         "tools/call" => call_tool(state, id, params).await,
         _ => error(
             id,
             code::METHOD_NOT_FOUND,
             &format!("method not found: {method}"),
-        ),
+        )
+        .into(),
     }
 }
 
@@ -165,15 +187,16 @@ async fn list_tools(state: &Arc<ProxyState>) -> Vec<Value> {
     tools
 }
 
-async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Value {
+async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Answer {
     let started = Instant::now();
     let Some(name) = params.get("name").and_then(Value::as_str) else {
-        return error(id, code::INVALID_PARAMS, "tools/call needs params.name");
+        return error(id, code::INVALID_PARAMS, "tools/call needs params.name").into();
     };
     let empty = json!({});
     let arguments = params.get("arguments").unwrap_or(&empty);
     let digest = audit::digest(arguments);
-    let unknown = || error(id, code::INVALID_PARAMS, &format!("Unknown tool: {name}"));
+    let unknown =
+        || -> Answer { error(id, code::INVALID_PARAMS, &format!("Unknown tool: {name}")).into() };
     let mut record = audit::Record {
         agent: &state.agent,
         tool: name,
@@ -208,6 +231,11 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Value
         return unknown();
     }
     record.decision = "allow";
+    if let Target::Exec = target {
+        if let Some(refused) = rate_limited(state, id, name, &mut record) {
+            return refused;
+        }
+    }
     let forwarded_at = Instant::now();
     let answer = match &target {
         Target::Exec => {
@@ -222,7 +250,11 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Value
                 return unknown();
             };
             match u.has_tool(&state.client, state.limits, tool).await {
-                Ok(true) => {}
+                Ok(true) => {
+                    if let Some(refused) = rate_limited(state, id, name, &mut record) {
+                        return refused;
+                    }
+                }
                 Ok(false) => {
                     record.decision = "unknown";
                     record.reason = "the upstream has no such tool".into();
@@ -233,7 +265,7 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Value
                     record.reason = e.to_string();
                     record.is_error = Some(true);
                     record.emit();
-                    return error(id, code::INTERNAL_ERROR, &e.to_string());
+                    return error(id, code::INTERNAL_ERROR, &e.to_string()).into();
                 }
             }
             let forwarded = json!({"name": tool, "arguments": arguments});
@@ -259,5 +291,27 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Value
         record.is_error = Some(true);
     }
     record.emit();
-    answer
+    answer.into()
+}
+
+/// Takes a token for `name`; the refusal to send when there is none.
+fn rate_limited(
+    state: &ProxyState,
+    id: &Value,
+    name: &str,
+    record: &mut audit::Record<'_>,
+) -> Option<Answer> {
+    let wait = state.rate_limits.check(name).err()?;
+    record.decision = "rate_limited";
+    record.reason = format!("rate limit of {name}");
+    record.emit();
+    let body = error(
+        id,
+        RATE_LIMITED,
+        &format!("rate limit of {name} reached, retry later"),
+    );
+    Some(Answer {
+        body,
+        retry_after: Some(wait),
+    })
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod exec_tool;
 pub mod mcp;
 pub mod policy;
+pub mod ratelimit;
 pub mod server;
 pub mod state;
 pub mod upstream;

@@ -223,7 +223,18 @@ async fn handle_post(state: &Arc<ProxyState>, headers: &HeaderMap, body: Body) -
         return response;
     }
     let answer = mcp::request(state, &id, method, &params).await;
-    json_response(StatusCode::OK, &answer)
+    match answer.retry_after {
+        None => json_response(StatusCode::OK, &answer.body),
+        Some(wait) => {
+            let mut response = json_response(StatusCode::TOO_MANY_REQUESTS, &answer.body);
+            // Whole seconds, rounded up, at least one.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            response
+        }
+    }
 }
 
 /// 128 random bits from the kernel, hex; a counter and the time if that fails.

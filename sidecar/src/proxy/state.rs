@@ -7,6 +7,7 @@ use agentvm_common::reload::Reloadable;
 
 use super::config::ProxyConfig;
 use super::policy::{Agent, ToolPolicy};
+use super::ratelimit::RateLimiter;
 use super::upstream::{self, HttpClient, Limits, Upstream};
 
 /// Default request body limit: 1 MiB.
@@ -52,6 +53,8 @@ pub struct ProxyState {
     pub allowed_origins: Vec<String>,
     /// Access log on.
     pub access_log: bool,
+    /// Per-tool rate limits.
+    pub rate_limits: RateLimiter,
     /// Session ids handed out by `initialize`.
     pub sessions: Mutex<HashSet<String>>,
 }
@@ -77,6 +80,7 @@ impl ProxyState {
             max_body_bytes: settings.max_body_bytes,
             allowed_origins: settings.allowed_origins,
             access_log: settings.access_log,
+            rate_limits: RateLimiter::new(&config.rate_limits),
             sessions: Mutex::new(HashSet::new()),
         }
     }

@@ -114,10 +114,14 @@ fn credential_file() -> std::path::PathBuf {
 }
 
 fn proxy(url: &str, timeout: Duration) -> Router {
-    let config = ProxyConfig::parse(&format!(
+    proxy_with(url, timeout, "")
+}
+
+fn proxy_with(url: &str, timeout: Duration, extra_config: &str) -> Router {
+    let config = ProxyConfig::parse(&(format!(
         "upstreams:\n  - name: up\n    url: {url}\n    credentialFile: {}\nexec:\n  endpoint: http://127.0.0.1:9\n",
         credential_file().display()
-    ))
+    ) + extra_config))
     .unwrap();
     let policy =
         ToolPolicy::from_sources(vec![Source::new("p.rego", POLICY)], "test".into()).unwrap();
@@ -366,4 +370,28 @@ async fn a_silent_upstream_is_an_error_not_a_hang() {
         .contains("did not answer"));
     assert!(started.elapsed() < Duration::from_secs(2));
     drop(listener);
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after_for_allowed_calls_only() {
+    let log = Log::default();
+    let limits = "rateLimits:\n  - {tool: up__echo, perMinute: 60, burst: 1}\n  - {tool: '*', perMinute: 1, burst: 1}\n";
+    let app = proxy_with(&upstream(log, false).await, Duration::from_secs(5), limits);
+    let (status, _, _) = send(&app, call(1, "up__echo", json!({})), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, headers, body) = send(&app, call(2, "up__echo", json!({})), &[]).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    assert_eq!(
+        (body["id"].as_i64(), body["error"]["code"].as_i64()),
+        (Some(2), Some(-32000))
+    );
+    // Denied and unknown tools never count nor answer 429: that would tell them apart.
+    for _ in 0..3 {
+        let (status, _, body) = send(&app, call(3, "up__hidden", json!({})), &[]).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_i64()),
+            (StatusCode::OK, Some(-32602))
+        );
+    }
 }
