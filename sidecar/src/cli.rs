@@ -84,7 +84,7 @@ struct ProxyArgs {
     /// Origins accepted besides loopback ones (comma-separated).
     #[arg(long, env = "AGENTVM_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Vec<String>,
-    /// Seconds between checks of the policy folder.
+    /// Seconds between checks of the policy folder and the config file.
     #[arg(long, env = "AGENTVM_RELOAD_INTERVAL", default_value_t = 10)]
     reload_interval: u64,
     /// Seconds calls in flight may take to finish after SIGTERM.
@@ -333,6 +333,34 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
             "proxy serving"
         );
         let state = Arc::new(proxy::ProxyState::new(&config, policy, settings));
+        if let Some(path) = args.config.clone() {
+            let routes = state.routes.clone();
+            let exec_override = args.exec_endpoint.clone().filter(|e| !e.is_empty());
+            let load_path = path.clone();
+            spawn_watch(
+                state.routes.clone(),
+                vec![path],
+                Duration::from_secs(args.reload_interval.max(1)),
+                move || {
+                    let mut config = ProxyConfig::load(&load_path)?;
+                    if let Some(endpoint) = exec_override.clone() {
+                        config.exec = Some(ExecBackend { endpoint });
+                        config.check()?;
+                    }
+                    Ok::<_, proxy::config::ConfigError>(proxy::state::Routes::new(
+                        &config,
+                        Some(&routes.get()),
+                    ))
+                },
+                |event| match event {
+                    ReloadEvent::Reloaded => tracing::info!("proxy config reloaded"),
+                    ReloadEvent::Rejected(e) => tracing::error!(
+                        error = %e,
+                        "proxy config update rejected; the last good config stays in force"
+                    ),
+                },
+            );
+        }
         let shutdown = agentvm_common::serve::shutdown_signal();
         agentvm_common::serve::serve(listener, None, proxy::app(state), shutdown, grace).await;
         tracing::info!("stopped");

@@ -148,3 +148,76 @@ fn proxy_answers_the_probe_and_mcp() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains(r#""tools":[]"#), "{answer}");
 }
+
+fn tool_names(port: u16) -> String {
+    let answer = post(
+        port,
+        "/mcp",
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+    );
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    let names: Vec<&str> = v["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    names.join(",")
+}
+
+fn wait_for_tools(port: u16, want: &str) {
+    let started = Instant::now();
+    while tool_names(port) != want {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "tools never became {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn proxy_reloads_config_and_policy_and_keeps_the_last_good_ones() {
+    let dir = std::env::temp_dir().join(format!("agentvm-bin-reload-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    let config = dir.join("proxy.yaml");
+    let policy = dir.join("policies/policy.rego");
+    std::fs::write(&config, "exec:\n  endpoint: http://127.0.0.1:9\n").unwrap();
+    std::fs::write(
+        &policy,
+        "package agentvm.tools\n\nallow if input.tool == \"exec\"\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let _server = Server(
+        Command::new(BIN)
+            .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--config")
+            .arg(&config)
+            .arg("--policies")
+            .arg(dir.join("policies"))
+            .args(["--reload-interval", "1"])
+            .env("AGENTVM_LOG_LEVEL", "error")
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(&format!("http://127.0.0.1:{port}/healthz"));
+    assert_eq!(tool_names(port), "exec");
+    // A policy that allows nothing hides the tool.
+    std::fs::write(&policy, "package agentvm.tools\n\nallow := false\n").unwrap();
+    wait_for_tools(port, "");
+    // A broken policy is rejected: still nothing allowed, and the proxy still answers.
+    std::fs::write(&policy, "package agentvm.tools\n\nallow if {\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(tool_names(port), "");
+    std::fs::write(&policy, "package agentvm.tools\n\nallow := true\n").unwrap();
+    wait_for_tools(port, "exec");
+    // A config without exec removes the tool; a broken config keeps the last good one.
+    std::fs::write(&config, "upstreams: []\n").unwrap();
+    wait_for_tools(port, "");
+    std::fs::write(&config, "exec:\n  endpoint: not a url\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(tool_names(port), "");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -11,7 +11,7 @@ use super::audit;
 use super::config::{BUILTIN_UPSTREAM, TOOL_SEPARATOR};
 use super::exec_tool::{self, EXEC_TOOL};
 use super::policy::DecisionInput;
-use super::state::ProxyState;
+use super::state::{ProxyState, Routes};
 
 /// Protocol revisions the proxy speaks, newest first.
 pub const PROTOCOL_VERSIONS: [&str; 3] = ["2025-11-25", "2025-06-18", "2025-03-26"];
@@ -109,12 +109,12 @@ pub enum Target {
 }
 
 /// Resolves a tool name; `None` for a name that cannot exist.
-pub fn resolve(state: &ProxyState, name: &str) -> Option<Target> {
+pub fn resolve(routes: &Routes, name: &str) -> Option<Target> {
     if name == EXEC_TOOL {
-        return state.exec_endpoint.as_ref().map(|_| Target::Exec);
+        return routes.exec_endpoint.as_ref().map(|_| Target::Exec);
     }
     let (upstream, tool) = name.split_once(TOOL_SEPARATOR)?;
-    let index = state
+    let index = routes
         .upstreams
         .iter()
         .position(|u| u.config.name == upstream)?;
@@ -124,10 +124,10 @@ pub fn resolve(state: &ProxyState, name: &str) -> Option<Target> {
     })
 }
 
-fn upstream_name<'a>(state: &'a ProxyState, target: &Target) -> &'a str {
+fn upstream_name<'a>(routes: &'a Routes, target: &Target) -> &'a str {
     match target {
         Target::Exec => BUILTIN_UPSTREAM,
-        Target::Upstream { index, .. } => state
+        Target::Upstream { index, .. } => routes
             .upstreams
             .get(*index)
             .map_or("", |u| u.config.name.as_str()),
@@ -152,10 +152,11 @@ async fn list_tools(state: &Arc<ProxyState>) -> Vec<Value> {
             tools.push(def);
         }
     };
-    if state.exec_endpoint.is_some() {
+    let routes = state.routes.get();
+    if routes.exec_endpoint.is_some() {
         offer(BUILTIN_UPSTREAM, exec_tool::definition());
     }
-    let fetches = state.upstreams.iter().map(|u| {
+    let fetches = routes.upstreams.iter().map(|u| {
         let state = state.clone();
         let u = u.clone();
         tokio::spawn(async move {
@@ -209,12 +210,13 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Answe
         result_bytes: 0,
         is_error: None,
     };
-    let Some(target) = resolve(state, name) else {
+    let routes = state.routes.get();
+    let Some(target) = resolve(&routes, name) else {
         record.reason = "no such tool".into();
         record.emit();
         return unknown();
     };
-    let upstream = upstream_name(state, &target);
+    let upstream = upstream_name(&routes, &target);
     record.upstream = upstream;
     let decision = state.policy.get().decide(&DecisionInput {
         method: "tools/call",
@@ -239,14 +241,14 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Answe
     let forwarded_at = Instant::now();
     let answer = match &target {
         Target::Exec => {
-            let endpoint = state.exec_endpoint.as_deref().unwrap_or_default();
+            let endpoint = routes.exec_endpoint.as_deref().unwrap_or_default();
             match exec_tool::call(&state.client, state.limits, endpoint, arguments).await {
                 Ok(r) => result(id, r),
                 Err(e) => error(id, code::INTERNAL_ERROR, &e.to_string()),
             }
         }
         Target::Upstream { index, tool } => {
-            let Some(u) = state.upstreams.get(*index) else {
+            let Some(u) = routes.upstreams.get(*index) else {
                 return unknown();
             };
             match u.has_tool(&state.client, state.limits, tool).await {
@@ -301,7 +303,7 @@ fn rate_limited(
     name: &str,
     record: &mut audit::Record<'_>,
 ) -> Option<Answer> {
-    let wait = state.rate_limits.check(name).err()?;
+    let wait = state.routes.get().rate_limits.check(name).err()?;
     record.decision = "rate_limited";
     record.reason = format!("rate limit of {name}");
     record.emit();

@@ -39,10 +39,8 @@ pub struct ProxyState {
     pub agent: Agent,
     /// The tool policy in force.
     pub policy: Arc<Reloadable<ToolPolicy>>,
-    /// Upstreams, in config order.
-    pub upstreams: Vec<Arc<Upstream>>,
-    /// Base URL of the exec backend, when exec is offered.
-    pub exec_endpoint: Option<String>,
+    /// What the config file says, reloaded when it changes.
+    pub routes: Arc<Reloadable<Routes>>,
     /// HTTP client for upstreams and the exec backend.
     pub client: HttpClient,
     /// Upstream limits.
@@ -53,8 +51,6 @@ pub struct ProxyState {
     pub allowed_origins: Vec<String>,
     /// Access log on.
     pub access_log: bool,
-    /// Per-tool rate limits.
-    pub rate_limits: RateLimiter,
     /// Session ids handed out by `initialize`.
     pub sessions: Mutex<HashSet<String>>,
 }
@@ -69,19 +65,46 @@ impl ProxyState {
         Self {
             agent: settings.agent,
             policy,
-            upstreams: config
-                .upstreams
-                .iter()
-                .map(|u| Arc::new(Upstream::new(u.clone())))
-                .collect(),
-            exec_endpoint: config.exec.as_ref().map(|e| e.endpoint.clone()),
+            routes: Arc::new(Reloadable::new(Routes::new(config, None))),
             client: upstream::http_client(),
             limits: settings.limits,
             max_body_bytes: settings.max_body_bytes,
             allowed_origins: settings.allowed_origins,
             access_log: settings.access_log,
-            rate_limits: RateLimiter::new(&config.rate_limits),
             sessions: Mutex::new(HashSet::new()),
+        }
+    }
+}
+
+/// The part of the state that comes from the config file.
+#[derive(Debug)]
+pub struct Routes {
+    /// Upstreams, in config order.
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// Base URL of the exec backend, when exec is offered.
+    pub exec_endpoint: Option<String>,
+    /// Per-tool rate limits.
+    pub rate_limits: RateLimiter,
+}
+
+impl Routes {
+    /// Routes for `config`. Upstreams whose entry did not change keep their session (and
+    /// their known tools) from `previous`.
+    pub fn new(config: &ProxyConfig, previous: Option<&Routes>) -> Self {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                previous
+                    .and_then(|p| p.upstreams.iter().find(|old| old.config == *u))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Upstream::new(u.clone())))
+            })
+            .collect();
+        Self {
+            upstreams,
+            exec_endpoint: config.exec.as_ref().map(|e| e.endpoint.clone()),
+            rate_limits: RateLimiter::new(&config.rate_limits),
         }
     }
 }
