@@ -212,7 +212,19 @@ async fn exec(State(state): State<Arc<ExecState>>, body: Body) -> Response {
             }
             Err(e) => {
                 span.record("outcome", e.label());
-                span.record("reason", field::display(&e));
+                match &e {
+                    // The parser's message may quote the request (arguments, stdin): only say
+                    // where it failed.
+                    ExecError::Json(j) => span.record(
+                        "reason",
+                        field::display(format_args!(
+                            "invalid request at line {} column {}",
+                            j.line(),
+                            j.column()
+                        )),
+                    ),
+                    other => span.record("reason", field::display(other)),
+                };
                 e.into_response()
             }
         };

@@ -89,12 +89,7 @@ async fn post_mcp(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let span = tracing::info_span!(
-        "mcp",
-        mcp.method = field::Empty,
-        mcp.session = field::Empty,
-        status = field::Empty,
-    );
+    let span = tracing::info_span!("mcp", mcp.method = field::Empty, status = field::Empty,);
     async move {
         let response = handle_post(&state, &headers, body).await;
         let span = tracing::Span::current();
@@ -191,7 +186,6 @@ async fn handle_post(state: &Arc<ProxyState>, headers: &HeaderMap, body: Body) -
     }
     let session = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok());
     if let Some(s) = session {
-        span.record("mcp.session", s);
         let known = state
             .sessions
             .lock()
