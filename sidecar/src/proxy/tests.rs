@@ -53,7 +53,11 @@ async fn upstream(log: Log, sse: bool) -> String {
             "tools/list" => json!({"tools": [
                 {"name": "echo", "inputSchema": {"type": "object"}},
                 {"name": "hidden", "inputSchema": {"type": "object"}},
+                {"name": "junk", "inputSchema": {"type": "object"}},
             ]}),
+            "tools/call" if msg["params"]["name"] == "junk" => {
+                return ([("content-type", "application/json")], "[1]").into_response();
+            }
             "tools/call" => {
                 let auth = headers
                     .get("authorization")
@@ -233,7 +237,7 @@ async fn tools_are_listed_with_prefixes_and_filtered_by_policy() {
             .iter()
             .map(|t| t["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["exec", "up__echo"], "sse={sse}");
+        assert_eq!(names, ["exec", "up__echo", "up__junk"], "sse={sse}");
     }
 }
 
@@ -394,4 +398,18 @@ async fn rate_limits_answer_429_with_retry_after_for_allowed_calls_only() {
             (StatusCode::OK, Some(-32602))
         );
     }
+}
+
+#[tokio::test]
+async fn a_junk_answer_from_the_upstream_is_an_error() {
+    let app = proxy(
+        &upstream(Log::default(), false).await,
+        Duration::from_secs(5),
+    );
+    let (status, _, body) = send(&app, call(4, "up__junk", json!({})), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (body["id"].as_i64(), body["error"]["code"].as_i64()),
+        (Some(4), Some(-32603))
+    );
 }

@@ -200,7 +200,12 @@ impl Upstream {
                 {
                     *self.session.lock().await = None;
                 }
-                other => return other.and_then(|(v, _)| v.ok_or_else(|| self.bad("empty answer"))),
+                other => {
+                    return other.and_then(|(v, _)| match v {
+                        Some(v) if v.get("result").is_some() || v.get("error").is_some() => Ok(v),
+                        _ => Err(self.bad("the answer has no result or error")),
+                    })
+                }
             }
         }
         Err(self.bad("session lost twice"))
