@@ -1,7 +1,7 @@
 """Drives an MCP server with the official Python SDK (PyPI `mcp`) and prints what it saw as one
 JSON document: the negotiated revision, the tool names, and the results of a few calls.
 
-Usage: client.py URL [TOOL_PREFIX]
+Usage: client.py URL [TOOL_PREFIX] [--exec]   (--exec also calls the proxy's exec tool)
 """
 
 import asyncio
@@ -20,7 +20,7 @@ def field(obj, *names):
     return None
 
 
-async def main(url: str, prefix: str) -> None:
+async def main(url: str, prefix: str, with_exec: bool) -> None:
     out = {}
     async with streamable_http_client(url) as streams:
         read, write = streams[0], streams[1]
@@ -34,6 +34,15 @@ async def main(url: str, prefix: str) -> None:
             out["echo_is_error"] = field(echo, "is_error", "isError")
             total = await session.call_tool(prefix + "get-sum", {"a": 2, "b": 40})
             out["sum"] = [c.text for c in total.content if c.type == "text"]
+            if with_exec:
+                ran = await session.call_tool("exec", {"argv": ["sh", "-c", "echo $HOME; pwd"]})
+                out["exec"] = [c.text for c in ran.content if c.type == "text"]
+                out["exec_is_error"] = field(ran, "is_error", "isError")
+                try:
+                    blocked = await session.call_tool("exec", {"argv": ["nsenter", "-t", "1"]})
+                    out["exec_blocked"] = {"is_error": field(blocked, "is_error", "isError")}
+                except Exception as e:
+                    out["exec_blocked"] = {"error": str(e)}
             try:
                 hidden = await session.call_tool(prefix + "no-such-tool", {})
                 out["unknown"] = {"is_error": field(hidden, "is_error", "isError"),
@@ -44,4 +53,4 @@ async def main(url: str, prefix: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""))
+    asyncio.run(main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "", "--exec" in sys.argv))
