@@ -73,13 +73,25 @@ struct ProxyArgs {
     #[arg(long, env = "AGENTVM_PROFILE", default_value = "")]
     profile: String,
     /// Upstream time limit, in milliseconds.
-    #[arg(long, env = "AGENTVM_UPSTREAM_TIMEOUT_MS", default_value_t = proxy::state::DEFAULT_UPSTREAM_TIMEOUT_MS)]
+    #[arg(
+        long,
+        env = "AGENTVM_UPSTREAM_TIMEOUT_MS",
+        default_value_t = proxy::state::DEFAULT_UPSTREAM_TIMEOUT_MS,
+    )]
     upstream_timeout_ms: u64,
     /// Largest upstream response, in bytes.
-    #[arg(long, env = "AGENTVM_MAX_RESPONSE_BYTES", default_value_t = proxy::state::DEFAULT_MAX_RESPONSE_BYTES)]
+    #[arg(
+        long,
+        env = "AGENTVM_MAX_RESPONSE_BYTES",
+        default_value_t = proxy::state::DEFAULT_MAX_RESPONSE_BYTES,
+    )]
     max_response_bytes: usize,
     /// Largest request body, in bytes; larger ones get HTTP 413.
-    #[arg(long, env = "AGENTVM_MAX_BODY_BYTES", default_value_t = proxy::state::DEFAULT_MAX_BODY_BYTES)]
+    #[arg(
+        long,
+        env = "AGENTVM_MAX_BODY_BYTES",
+        default_value_t = proxy::state::DEFAULT_MAX_BODY_BYTES,
+    )]
     max_body_bytes: usize,
     /// Origins accepted besides loopback ones (comma-separated).
     #[arg(long, env = "AGENTVM_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -113,7 +125,11 @@ struct ExecArgs {
     #[arg(long, env = "AGENTVM_WORKSPACE", default_value = "/workspace")]
     workspace: PathBuf,
     /// Cap on each of stdout and stderr, in bytes; the rest is dropped and flagged.
-    #[arg(long, env = "AGENTVM_EXEC_MAX_OUTPUT_BYTES", default_value_t = server::DEFAULT_MAX_OUTPUT_BYTES)]
+    #[arg(
+        long,
+        env = "AGENTVM_EXEC_MAX_OUTPUT_BYTES",
+        default_value_t = server::DEFAULT_MAX_OUTPUT_BYTES,
+    )]
     max_output_bytes: usize,
     /// Time limit of a command that sets none, in milliseconds.
     #[arg(
@@ -126,7 +142,11 @@ struct ExecArgs {
     #[arg(long, env = "AGENTVM_EXEC_MAX_TIMEOUT_MS", default_value_t = 600_000)]
     max_timeout_ms: u64,
     /// Commands running at once; further requests get HTTP 429.
-    #[arg(long, env = "AGENTVM_EXEC_MAX_CONCURRENT", default_value_t = server::DEFAULT_MAX_CONCURRENT)]
+    #[arg(
+        long,
+        env = "AGENTVM_EXEC_MAX_CONCURRENT",
+        default_value_t = server::DEFAULT_MAX_CONCURRENT,
+    )]
     max_concurrent: usize,
     /// Largest request body, in bytes; larger ones get HTTP 413.
     #[arg(long, env = "AGENTVM_MAX_BODY_BYTES", default_value_t = server::DEFAULT_MAX_BODY_BYTES)]
@@ -233,11 +253,18 @@ fn run_exec(args: ExecArgs) -> ExitCode {
         let listener = match tokio::net::TcpListener::bind(args.listen).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("agentvm-sidecar exec: cannot listen on {}: {e}", args.listen);
+                eprintln!(
+                    "agentvm-sidecar exec: cannot listen on {}: {e}",
+                    args.listen
+                );
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
-        tracing::info!(listen = %args.listen, workspace = %config.policy.workspace.display(), "exec server serving");
+        tracing::info!(
+            listen = %args.listen,
+            workspace = %config.policy.workspace.display(),
+            "exec server serving"
+        );
         let app = exec::app(Arc::new(ExecState::new(config)));
         let shutdown = agentvm_common::serve::shutdown_signal();
         agentvm_common::serve::serve(listener, None, app, shutdown, grace).await;
