@@ -413,3 +413,36 @@ async fn a_junk_answer_from_the_upstream_is_an_error() {
         (Some(4), Some(-32603))
     );
 }
+
+#[tokio::test]
+async fn sessions_end_with_delete_and_large_bodies_get_413() {
+    let app = proxy("http://127.0.0.1:9/mcp", Duration::from_secs(1));
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}});
+    let (_, headers, _) = send(&app, init, &[]).await;
+    let session = headers
+        .get("mcp-session-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let delete = |id: String| {
+        let app = app.clone();
+        async move {
+            let req = Request::delete("/mcp")
+                .header("mcp-session-id", id)
+                .body(Body::empty());
+            app.oneshot(req.unwrap()).await.unwrap().status()
+        }
+    };
+    assert_eq!(delete(session.clone()).await, StatusCode::OK);
+    assert_eq!(delete(session.clone()).await, StatusCode::NOT_FOUND);
+    let ping = json!({"jsonrpc": "2.0", "id": 2, "method": "ping"});
+    let (status, _, _) = send(&app, ping, &[("mcp-session-id", &session)]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "an ended session is unknown");
+    let big = call(3, "up__echo", json!({"blob": "x".repeat(70 * 1024)}));
+    let (status, _, body) = send(&app, big, &[]).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_i64()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some(-32600))
+    );
+}
