@@ -399,11 +399,14 @@ fn exec_container(settings: &Settings) -> Value {
         keys::EXEC_CONTAINER,
         &settings.exec,
         settings,
+        // The root filesystem is read-only: commands get the workspace as TMPDIR.
         vec![
             "exec".into(),
             "--listen".into(),
             listen,
             "--workspace".into(),
+            workspace.clone(),
+            "--tmpdir".into(),
             workspace.clone(),
         ],
     );
