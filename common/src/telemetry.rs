@@ -28,6 +28,29 @@ impl FromStr for LogFormat {
     }
 }
 
+/// The logging flags every agentvm binary takes (`--log-format`, `--log-level`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log format: text or json.
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTVM_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter, RUST_LOG syntax.
+    #[arg(long, global = true, env = "AGENTVM_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl LogArgs {
+    /// Installs the subscriber these flags describe.
+    pub fn init(&self) -> Result<(), String> {
+        init(self.log_format, &self.log_level)
+    }
+}
+
 /// Installs the global tracing subscriber. `filter` uses the `RUST_LOG` syntax
 /// (for example `info,agentvm_webhook=debug`). Calling it twice is harmless: the second call
 /// keeps the first subscriber.

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentvm_common::telemetry::LogFormat;
 use agentvm_sidecar::exec::command::{base_env, Policy, DEFAULT_PATH};
 use agentvm_sidecar::exec::{self, server, ExecConfig, ExecState};
 use agentvm_sidecar::probe;
@@ -20,17 +19,9 @@ pub const EXIT_CONFIG: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(name = "agentvm-sidecar", version)]
 pub struct Cli {
-    /// Log format: text or json.
-    #[arg(
-        long,
-        global = true,
-        env = "AGENTVM_LOG_FORMAT",
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
-    /// Log filter, RUST_LOG syntax.
-    #[arg(long, global = true, env = "AGENTVM_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// Logging.
+    #[command(flatten)]
+    pub log: agentvm_common::telemetry::LogArgs,
     #[command(subcommand)]
     command: Command,
 }

@@ -9,7 +9,7 @@ mod cli;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    if let Err(e) = agentvm_common::telemetry::init(args.log_format, &args.log_level) {
+    if let Err(e) = args.log.init() {
         eprintln!("agentvm-sidecar: {e}");
         return ExitCode::from(cli::EXIT_CONFIG);
     }

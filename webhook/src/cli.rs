@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agentvm_common::policy::{PolicySet, TestResult};
-use agentvm_common::telemetry::LogFormat;
 use agentvm_webhook::admission::Reviewer;
 use agentvm_webhook::offline;
 use agentvm_webhook::policies::Policies;
@@ -20,17 +19,9 @@ pub const EXIT_CONFIG: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(name = "agentvm", version)]
 pub struct Cli {
-    /// Log format: text or json.
-    #[arg(
-        long,
-        global = true,
-        env = "AGENTVM_LOG_FORMAT",
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
-    /// Log filter, RUST_LOG syntax.
-    #[arg(long, global = true, env = "AGENTVM_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// Logging.
+    #[command(flatten)]
+    pub log: agentvm_common::telemetry::LogArgs,
     #[command(subcommand)]
     command: Command,
 }

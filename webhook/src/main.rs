@@ -14,7 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    if let Err(e) = agentvm_common::telemetry::init(args.log_format, &args.log_level) {
+    if let Err(e) = args.log.init() {
         eprintln!("agentvm: {e}");
         return ExitCode::from(cli::EXIT_CONFIG);
     }

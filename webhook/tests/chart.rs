@@ -21,19 +21,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use support::*;
 
-fn tool(env: &str, path: &str) -> PathBuf {
-    if let Ok(p) = std::env::var(env) {
-        return PathBuf::from(p);
-    }
-    let p = repo_tests().join("..").join(path);
-    assert!(
-        p.exists(),
-        "{} is missing: run tests/setup first (or set {env})",
-        p.display()
-    );
-    p
-}
-
 fn chart() -> PathBuf {
     repo_tests().join("../charts/agentvm")
 }

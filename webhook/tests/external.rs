@@ -5,25 +5,11 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use agentvm_webhook::admission::Mode;
 use serde_json::Value;
 use support::*;
-
-fn tool(env: &str, venv_path: &str) -> PathBuf {
-    if let Ok(p) = std::env::var(env) {
-        return PathBuf::from(p);
-    }
-    let p = repo_tests().join("..").join(venv_path);
-    assert!(
-        p.exists(),
-        "{} is missing: run tests/setup first (or set {env})",
-        p.display()
-    );
-    p
-}
 
 #[test]
 fn acceptance_corpus_passes_against_the_binary() {

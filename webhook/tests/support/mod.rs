@@ -115,3 +115,17 @@ pub fn mutate_and_check(reviewer: &Reviewer, req: &Request, what: &str) -> Optio
     );
     Some(patched)
 }
+
+/// A tool installed by `tests/setup` (or named by an environment variable).
+pub fn tool(env: &str, path_in_repo: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
+        return PathBuf::from(p);
+    }
+    let p = repo_tests().join("..").join(path_in_repo);
+    assert!(
+        p.exists(),
+        "{} is missing: run tests/setup first (or set {env})",
+        p.display()
+    );
+    p
+}
