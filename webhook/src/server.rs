@@ -52,6 +52,8 @@ pub struct AppState {
     pub cluster: Option<crate::cluster::Cluster>,
     /// Slots for reviews in flight.
     pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// The slot for a large review in flight.
+    pub large_in_flight: Arc<tokio::sync::Semaphore>,
     /// Keeps the deny-egress NetworkPolicy, with cluster access.
     pub network: Option<crate::network::NetworkPolicies>,
 }
@@ -67,6 +69,7 @@ impl AppState {
             ready: AtomicBool::new(true),
             cluster: None,
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            large_in_flight: Arc::new(tokio::sync::Semaphore::new(1)),
             network: None,
         }
     }
@@ -173,13 +176,23 @@ async fn handle(state: Arc<AppState>, mode: Mode, headers: HeaderMap, body: Body
         reason = field::Empty,
     );
     async move {
-        // Bounded work in flight: a permit before the body is read bounds memory too.
-        let permit =
-            match tokio::time::timeout(BODY_TIMEOUT, state.in_flight.clone().acquire_owned()).await
-            {
-                Ok(Ok(p)) => Ok(p),
-                _ => Err(HandlerError::Busy),
-            };
+        // Bounded work in flight: a permit before the body is read bounds memory too. Large
+        // reviews (declared over 256 KiB, or of unknown length) have one slot of their own:
+        // their JSON trees take some twenty times the body's size, and they must not hold up
+        // the usual small ones.
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let pool = match declared {
+            Some(n) if n <= INLINE_REVIEW_BYTES => &state.in_flight,
+            _ => &state.large_in_flight,
+        };
+        let acquire = pool.clone().acquire_owned();
+        let permit = match tokio::time::timeout(BODY_TIMEOUT, acquire).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(HandlerError::Busy),
+        };
         let read = match permit {
             Ok(p) => read_request(&state, &headers, body).await.map(|r| (p, r)),
             Err(e) => Err(e),
