@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use agentvm_common::policy::{PolicySet, TestResult};
 use agentvm_webhook::admission::Reviewer;
-use agentvm_webhook::offline;
 use agentvm_webhook::policies::Policies;
 use agentvm_webhook::server::{self, ClusterAccess, ServeConfig};
+use agentvm_webhook::{existing, offline};
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Exit status for bad configuration (EX_USAGE).
@@ -32,6 +32,10 @@ enum Command {
     Serve(ServeArgs),
     /// Review manifests or AdmissionReviews offline: print the decision and the patch.
     Review(ReviewArgs),
+    /// Check the agents running in the cluster against the profile their policy gives them.
+    Audit(AuditArgs),
+    /// Label workloads as agents and restart them, so that their new pods get the profile.
+    Adopt(AdoptArgs),
     /// Work with policies.
     Policy {
         #[command(subcommand)]
@@ -92,6 +96,37 @@ struct ReviewArgs {
     policies: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Args)]
+struct AuditArgs {
+    /// Only this namespace (default: the whole cluster).
+    #[arg(long, short, env = "AGENTVM_NAMESPACE")]
+    namespace: Option<String>,
+    /// table for people, json for one line per agent.
+    #[arg(long, short, default_value = "text")]
+    output: Output,
+    /// Policy folder; the shipped policies when unset.
+    #[arg(long, env = "AGENTVM_POLICIES")]
+    policies: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct AdoptArgs {
+    /// Workloads as KIND/NAME (deployment, statefulset, daemonset, cronjob).
+    targets: Vec<String>,
+    /// Namespace of the workloads.
+    #[arg(long, short, env = "AGENTVM_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// Adopt every workload of --kind matching this label selector.
+    #[arg(long, short = 'l')]
+    selector: Option<String>,
+    /// Kind for --selector.
+    #[arg(long, default_value = "deployment")]
+    kind: String,
+    /// Show the patches, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
     /// Run the Rego tests (rules named test_*) in a folder, like `opa test`.
@@ -106,6 +141,8 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Review(args) => review(args),
+        Command::Audit(args) => with_cluster(|cluster| audit(cluster, args)),
+        Command::Adopt(args) => with_cluster(|cluster| adopt(cluster, args)),
         Command::Policy {
             command: PolicyCommand::Test { dir },
         } => policy_test(&dir),
@@ -212,6 +249,125 @@ fn policy_test(dir: &std::path::Path) -> ExitCode {
     }
     println!("{} passed, {} failed", report.passed(), report.failed());
     if report.failed() > 0 || report.outcomes.is_empty() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn with_cluster<F, Fut>(run: F) -> ExitCode
+where
+    F: FnOnce(agentvm_webhook::cluster::Cluster) -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentvm: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match agentvm_webhook::cluster::Cluster::infer().await {
+            Ok(cluster) => run(cluster).await,
+            Err(e) => {
+                eprintln!("agentvm: {e}");
+                ExitCode::from(2)
+            }
+        }
+    })
+}
+
+async fn audit(cluster: agentvm_webhook::cluster::Cluster, args: AuditArgs) -> ExitCode {
+    let policies = match load_policies(args.policies.as_ref()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("agentvm audit: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let reviewer = Reviewer::fixed(policies);
+    let findings =
+        match existing::audit(&cluster.client(), &reviewer, args.namespace.as_deref()).await {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("agentvm audit: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    match args.output {
+        Output::Json => {
+            for f in &findings {
+                println!("{}", serde_json::to_string(f).unwrap_or_default());
+            }
+        }
+        Output::Text => print!("{}", existing::audit_table(&findings)),
+    }
+    if findings.iter().all(|f| f.compliant) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn adopt(cluster: agentvm_webhook::cluster::Cluster, args: AdoptArgs) -> ExitCode {
+    let client = cluster.client();
+    let mut targets = Vec::new();
+    for t in &args.targets {
+        match t.parse::<existing::Target>() {
+            Ok(t) => targets.push(t),
+            Err(e) => {
+                eprintln!("agentvm adopt: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if let Some(selector) = &args.selector {
+        let kind = match format!("{}/x", args.kind).parse::<existing::Target>() {
+            Ok(t) => t.kind,
+            Err(e) => {
+                eprintln!("agentvm adopt: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match existing::select(&client, &args.namespace, &kind, selector).await {
+            Ok(found) => targets.extend(found),
+            Err(e) => {
+                eprintln!("agentvm adopt: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if targets.is_empty() {
+        eprintln!("agentvm adopt: nothing to adopt (give KIND/NAME or --selector)");
+        return ExitCode::from(2);
+    }
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let mut failed = false;
+    for t in &targets {
+        let patch = existing::adopt_patch(&t.kind, &now);
+        if args.dry_run {
+            println!(
+                "{}/{} in {} (dry run): {patch}",
+                t.kind, t.name, args.namespace
+            );
+            continue;
+        }
+        match existing::adopt(&client, &args.namespace, t, &patch).await {
+            Ok(()) => println!(
+                "{}/{} in {}: labelled agentvm.dev/agent=true, restarted",
+                t.kind, t.name, args.namespace
+            ),
+            Err(e) => {
+                eprintln!("agentvm adopt: {e}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

@@ -8,6 +8,7 @@
 pub mod admission;
 pub mod cluster;
 pub mod conformance;
+pub mod existing;
 pub mod keys;
 pub mod metrics;
 pub mod mutate;

@@ -114,7 +114,8 @@ pub fn parse_documents(name: &str, text: &str) -> Result<Vec<Document>, InputErr
     Ok(out)
 }
 
-fn to_request(value: Value, index: usize) -> Result<Request, String> {
+/// The request an API server would send to create `value` (an AdmissionReview is taken as is).
+pub fn to_request(value: Value, index: usize) -> Result<Request, String> {
     if !value.is_object() {
         return Err(
             "a document must be an object (an AdmissionReview or a Kubernetes object)".into(),
