@@ -29,7 +29,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the admission webhook over HTTPS.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Review manifests or AdmissionReviews offline: print the decision and the patch.
     Review(ReviewArgs),
     /// Check the agents running in the cluster against the profile their policy gives them.
@@ -72,6 +72,28 @@ struct ServeArgs {
     /// Log one INFO line per review.
     #[arg(long, env = "AGENTVM_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
     access_log: bool,
+    /// Serving certificate: `files` (read --tls-cert and --tls-key as they are) or
+    /// `self-managed` (keep a CA and the certificate in a Secret, write the CA bundle into the
+    /// webhook configurations, renew, and write the files; needs cluster access).
+    #[arg(long, env = "AGENTVM_CERTIFICATES", default_value = "files", value_parser = ["files", "self-managed"])]
+    certificates: String,
+    /// Secret of the self-managed certificates.
+    #[arg(long, env = "AGENTVM_CERT_SECRET", default_value = "agentvm-tls")]
+    cert_secret: String,
+    /// Namespace of that Secret (the webhook's own).
+    #[arg(long, env = "AGENTVM_POD_NAMESPACE", default_value = "agentvm-system")]
+    cert_namespace: String,
+    /// DNS names of the serving certificate, comma-separated (the webhook Service's).
+    #[arg(
+        long,
+        env = "AGENTVM_CERT_DNS_NAMES",
+        value_delimiter = ',',
+        default_value = "agentvm.agentvm-system.svc"
+    )]
+    cert_dns_names: Vec<String>,
+    /// Name of the Mutating- and ValidatingWebhookConfiguration that get the CA bundle.
+    #[arg(long, env = "AGENTVM_WEBHOOK_CONFIGURATION", default_value = "agentvm")]
+    webhook_configuration: String,
     /// Cluster access for CONNECT pod lookups: `infer` (like kubectl) or `off`.
     #[arg(long, env = "AGENTVM_CLUSTER", default_value = "infer", value_parser = ["infer", "off"])]
     cluster: String,
@@ -139,7 +161,7 @@ enum PolicyCommand {
 /// Runs the chosen command.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Review(args) => review(args),
         Command::Audit(args) => with_cluster(|cluster| audit(cluster, args)),
         Command::Adopt(args) => with_cluster(|cluster| adopt(cluster, args)),
@@ -153,13 +175,23 @@ fn serve(args: ServeArgs) -> ExitCode {
     let config = ServeConfig {
         listen: args.listen,
         probe_listen: args.probe_listen,
-        tls_cert: args.tls_cert,
-        tls_key: args.tls_key,
+        tls_cert: args.tls_cert.clone(),
+        tls_key: args.tls_key.clone(),
         policies: args.policies,
         reload_interval: Duration::from_secs(args.reload_interval.max(1)),
         grace_period: Duration::from_secs(args.grace_period),
         max_body_bytes: args.max_body_bytes,
         access_log: args.access_log,
+        certificates: (args.certificates == "self-managed").then(|| {
+            agentvm_webhook::certs::CertConfig {
+                namespace: args.cert_namespace.clone(),
+                secret: args.cert_secret.clone(),
+                dns_names: args.cert_dns_names.clone(),
+                webhook_configuration: args.webhook_configuration.clone(),
+                cert_path: args.tls_cert.clone(),
+                key_path: args.tls_key.clone(),
+            }
+        }),
         cluster: if args.cluster == "off" {
             ClusterAccess::Off
         } else {

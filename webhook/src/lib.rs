@@ -6,6 +6,7 @@
 //! [`server`] puts it behind HTTPS, [`offline`] behind the `agentvm review` command.
 
 pub mod admission;
+pub mod certs;
 pub mod cluster;
 pub mod conformance;
 pub mod existing;

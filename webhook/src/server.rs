@@ -385,6 +385,8 @@ pub struct ServeConfig {
     pub access_log: bool,
     /// Where CONNECT reviews look their pod up.
     pub cluster: ClusterAccess,
+    /// Manage the serving certificate in the cluster (`None`: read the files as they are).
+    pub certificates: Option<crate::certs::CertConfig>,
 }
 
 /// How `serve` reaches the cluster.
@@ -407,6 +409,12 @@ pub enum StartError {
     /// The certificate or key is unusable.
     #[error("{0}")]
     Tls(#[from] agentvm_common::tls::TlsError),
+    /// Self-managed certificates could not be made.
+    #[error("{0}")]
+    Certificates(#[from] crate::certs::CertError),
+    /// Self-managed certificates need cluster access.
+    #[error("--certificates self-managed needs cluster access")]
+    NoCluster,
     /// A port cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -507,6 +515,15 @@ pub async fn start(
                 }
             },
         );
+    }
+    if let Some(certs) = &config.certificates {
+        let client = state
+            .cluster
+            .as_ref()
+            .ok_or(StartError::NoCluster)?
+            .client();
+        crate::certs::reconcile(&client, certs, time::OffsetDateTime::now_utc()).await?;
+        crate::certs::spawn(client, certs.clone());
     }
     let cert = agentvm_common::tls::ReloadingCert::new(
         config.tls_cert.clone(),

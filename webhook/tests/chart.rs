@@ -144,7 +144,10 @@ fn default_render_is_valid_and_cannot_take_a_cluster_down() {
         assert_eq!(w["sideEffects"], "NoneOnDryRun", "{name}");
         assert_eq!(w["matchPolicy"], "Equivalent", "{name}");
         assert!(w["timeoutSeconds"].as_i64().unwrap() <= 10, "{name}");
-        assert!(w["clientConfig"]["caBundle"].is_string(), "{name}");
+        assert!(
+            w["clientConfig"].get("caBundle").is_none(),
+            "{name}: the webhook writes it"
+        );
         let excluded = &w["namespaceSelector"]["matchExpressions"][0]["values"];
         for ns in ["kube-system", "agentvm-system"] {
             assert!(
@@ -178,6 +181,18 @@ fn default_render_is_valid_and_cannot_take_a_cluster_down() {
         assert_eq!(w["reinvocationPolicy"], "IfNeeded");
     }
     let deployment = find(&objects, "Deployment", "t-agentvm");
+    let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(
+        args.contains("--certificates=self-managed")
+            && args.contains("--webhook-configuration=t-agentvm"),
+        "{args}"
+    );
+    assert!(
+        !objects.iter().any(|o| o["kind"] == "Secret"),
+        "the webhook makes its own Secret"
+    );
+    let role = find(&objects, "Role", "t-agentvm-certificates");
+    assert_eq!(role["rules"][1]["resourceNames"][0], "t-agentvm-tls");
     assert_eq!(deployment["spec"]["replicas"], 2);
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
@@ -251,7 +266,8 @@ fn non_default_render_is_valid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_with_the_rendered_configuration() {
     agentvm_common::tls::install_default_provider();
-    let objects = render(&[]);
+    let objects = render(&["--set", "certificates.mode=helm"]);
+    validate(&objects, "helm-certificates");
     let dir = std::env::temp_dir().join(format!("agentvm-chart-e2e-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("policies")).unwrap();
     for (key, text) in find(&objects, "ConfigMap", "t-agentvm-policies")["data"]
@@ -292,6 +308,7 @@ async fn serve_answers_with_the_rendered_configuration() {
         max_body_bytes: server::DEFAULT_MAX_BODY_BYTES,
         access_log: false,
         cluster: ClusterAccess::Off,
+        certificates: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = server::start(config, async move {

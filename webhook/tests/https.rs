@@ -13,6 +13,7 @@ use std::time::Duration;
 use agentvm_webhook::server::{self, ServeConfig};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::ServerName;
 use serde_json::{json, Value};
 use support::*;
@@ -59,6 +60,7 @@ async fn start_with(
         max_body_bytes: max_body,
         access_log: false,
         cluster,
+        certificates: None,
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let running = server::start(config, async move {
@@ -562,4 +564,216 @@ async fn serve_on_loopback(app: axum::Router) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
+}
+
+/// A stand-in for the Secret and webhook-configuration endpoints, with optimistic concurrency
+/// as the API server has it (a replace with a stale resourceVersion gets 409).
+#[derive(Clone, Default)]
+struct ObjectStore(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>);
+
+async fn stand_in_object_api(store: ObjectStore) -> SocketAddr {
+    use axum::extract::{Path, State};
+    use axum::http::StatusCode;
+    use axum::routing::{get, post};
+    fn status(code: u16, reason: &str) -> (StatusCode, axum::Json<Value>) {
+        (
+            StatusCode::from_u16(code).unwrap(),
+            axum::Json(json!({"kind": "Status", "apiVersion": "v1",
+            "status": "Failure", "reason": reason, "code": code, "message": reason})),
+        )
+    }
+    async fn get_one(
+        State(s): State<ObjectStore>,
+        Path(key): Path<String>,
+    ) -> (StatusCode, axum::Json<Value>) {
+        match s.0.lock().unwrap().get(&key) {
+            Some(o) => (StatusCode::OK, axum::Json(o.clone())),
+            None => status(404, "NotFound"),
+        }
+    }
+    async fn put_one(
+        State(s): State<ObjectStore>,
+        Path(key): Path<String>,
+        axum::Json(mut o): axum::Json<Value>,
+    ) -> (StatusCode, axum::Json<Value>) {
+        let mut all = s.0.lock().unwrap();
+        let current = all
+            .get(&key)
+            .map(|c| c["metadata"]["resourceVersion"].clone());
+        if current.as_ref() != Some(&o["metadata"]["resourceVersion"]) {
+            return status(409, "Conflict");
+        }
+        let next = current
+            .and_then(|v| v.as_str().and_then(|v| v.parse::<u64>().ok()))
+            .unwrap_or(0)
+            + 1;
+        o["metadata"]["resourceVersion"] = json!(next.to_string());
+        all.insert(key, o.clone());
+        (StatusCode::OK, axum::Json(o))
+    }
+    let app = axum::Router::new()
+        .route(
+            "/api/v1/namespaces/agentvm-system/secrets/{key}",
+            get(|s: State<ObjectStore>, Path(k): Path<String>| {
+                get_one(s, Path(format!("secret-{k}")))
+            })
+            .put(
+                |s: State<ObjectStore>, Path(k): Path<String>, b: axum::Json<Value>| {
+                    put_one(s, Path(format!("secret-{k}")), b)
+                },
+            ),
+        )
+        .route(
+            "/api/v1/namespaces/agentvm-system/secrets",
+            post(
+                |State(s): State<ObjectStore>, axum::Json(mut o): axum::Json<Value>| async move {
+                    let key = format!("secret-{}", o["metadata"]["name"].as_str().unwrap());
+                    let mut all = s.0.lock().unwrap();
+                    if all.contains_key(&key) {
+                        return status(409, "AlreadyExists");
+                    }
+                    o["metadata"]["resourceVersion"] = json!("1");
+                    all.insert(key, o.clone());
+                    (StatusCode::CREATED, axum::Json(o))
+                },
+            ),
+        )
+        .route(
+            "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{key}",
+            get(|s: State<ObjectStore>, Path(k): Path<String>| {
+                get_one(s, Path(format!("mutating-{k}")))
+            })
+            .put(
+                |s: State<ObjectStore>, Path(k): Path<String>, b: axum::Json<Value>| {
+                    put_one(s, Path(format!("mutating-{k}")), b)
+                },
+            ),
+        )
+        .route(
+            "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/{key}",
+            get(|s: State<ObjectStore>, Path(k): Path<String>| {
+                get_one(s, Path(format!("validating-{k}")))
+            })
+            .put(
+                |s: State<ObjectStore>, Path(k): Path<String>, b: axum::Json<Value>| {
+                    put_one(s, Path(format!("validating-{k}")), b)
+                },
+            ),
+        )
+        .route(
+            "/api/v1/namespaces/{ns}",
+            get(|| async { status(404, "NotFound") }),
+        )
+        .with_state(store);
+    serve_on_loopback(app).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_managed_certificates_are_made_published_and_served() {
+    use base64::Engine as _;
+    agentvm_common::tls::install_default_provider();
+    let store = ObjectStore::default();
+    let entry = |name: &str| {
+        json!({"name": name, "admissionReviewVersions": ["v1"], "sideEffects": "None",
+        "clientConfig": {"service": {"name": "agentvm", "namespace": "agentvm-system", "path": "/mutate"}}})
+    };
+    for (key, kind) in [
+        ("mutating-agentvm", "MutatingWebhookConfiguration"),
+        ("validating-agentvm", "ValidatingWebhookConfiguration"),
+    ] {
+        store.0.lock().unwrap().insert(key.into(), json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": kind,
+            "metadata": {"name": "agentvm", "resourceVersion": "7"}, "webhooks": [entry("a.agentvm.dev"), entry("b.agentvm.dev")]}));
+    }
+    let api = stand_in_object_api(store.clone()).await;
+    let cluster = agentvm_webhook::cluster::Cluster::from_config(kube::Config::new(
+        format!("http://{api}").parse().unwrap(),
+    ))
+    .unwrap();
+    let dir = temp_dir("selfcerts");
+    let names = vec!["agentvm.agentvm-system.svc".to_owned()];
+    let certs = agentvm_webhook::certs::CertConfig {
+        namespace: "agentvm-system".into(),
+        secret: "agentvm-tls".into(),
+        dns_names: names.clone(),
+        webhook_configuration: "agentvm".into(),
+        cert_path: dir.join("tls.crt"),
+        key_path: dir.join("tls.key"),
+    };
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let config = ServeConfig {
+        listen: loopback,
+        probe_listen: loopback,
+        tls_cert: certs.cert_path.clone(),
+        tls_key: certs.key_path.clone(),
+        policies: None,
+        reload_interval: Duration::from_millis(100),
+        grace_period: Duration::from_secs(5),
+        max_body_bytes: server::DEFAULT_MAX_BODY_BYTES,
+        access_log: false,
+        cluster: server::ClusterAccess::Given(cluster.clone()),
+        certificates: Some(certs.clone()),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = server::start(config, async move {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+
+    let (secret, mutating, validating) = {
+        let all = store.0.lock().unwrap();
+        (
+            all["secret-agentvm-tls"].clone(),
+            all["mutating-agentvm"].clone(),
+            all["validating-agentvm"].clone(),
+        )
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let bundle = b64
+        .decode(secret["data"]["ca.crt"].as_str().unwrap())
+        .unwrap();
+    for config in [&mutating, &validating] {
+        for w in config["webhooks"].as_array().unwrap() {
+            assert_eq!(
+                b64.decode(w["clientConfig"]["caBundle"].as_str().unwrap())
+                    .unwrap(),
+                bundle,
+                "{}",
+                w["name"]
+            );
+        }
+    }
+    // The API server's view: trust exactly the published bundle, check the service name.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&bundle) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder_with_provider(agentvm_common::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(running.addr).await.unwrap();
+    let name = ServerName::try_from(names[0].clone()).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(name, tcp)
+        .await
+        .expect("the served certificate verifies against the bundle");
+
+    // A second round changes nothing; a second replica adopts the same Secret.
+    let again = agentvm_webhook::certs::reconcile(
+        &cluster.client(),
+        &certs,
+        time::OffsetDateTime::now_utc(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        store.0.lock().unwrap()["secret-agentvm-tls"]["metadata"]["resourceVersion"],
+        secret["metadata"]["resourceVersion"]
+    );
+    assert_eq!(again.bundle().as_bytes(), bundle.as_slice());
+    let _ = stop.send(());
+    running.task.await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }
