@@ -42,8 +42,10 @@ pub fn desired(namespace: &str, settings: &Settings) -> Value {
             "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
         }));
     }
+    // The namespace's exec pod (profile exec-pod) and dispatcher (profile dispatcher).
     egress.push(json!({
-        "to": [{"podSelector": {"matchLabels": {ROLE_LABEL: "exec"}}}],
+        "to": [{"podSelector": {"matchExpressions": [
+            {"key": ROLE_LABEL, "operator": "In", "values": ["exec", "dispatcher"]}]}}],
         "ports": [{"protocol": "TCP", "port": settings.exec.port}],
     }));
     for cidr in &settings.network.allowed_cidrs {
@@ -190,5 +192,42 @@ impl NetworkPolicies {
                 this.reconcile_once(settings().settings()).await;
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policies::Policies;
+
+    #[test]
+    fn agents_reach_dns_their_exec_surface_and_the_listed_cidrs_only() {
+        let mut settings = Policies::shipped().unwrap().settings().clone();
+        settings.network.allowed_cidrs = vec!["10.20.0.0/16".into()];
+        let p = desired("team-a", &settings);
+        assert_eq!(
+            p["spec"]["podSelector"]["matchLabels"][EGRESS_LABEL],
+            "deny"
+        );
+        assert_eq!(p["spec"]["policyTypes"], json!(["Egress"]));
+        let egress = p["spec"]["egress"].as_array().unwrap();
+        assert_eq!(egress.len(), 3);
+        assert_eq!(egress[0]["ports"][0]["port"], 53);
+        assert_eq!(
+            egress[1]["to"][0]["podSelector"]["matchExpressions"][0]["values"],
+            json!(["exec", "dispatcher"])
+        );
+        assert_eq!(egress[2]["to"][0]["ipBlock"]["cidr"], "10.20.0.0/16");
+        settings.network.cluster_dns = false;
+        settings.network.allowed_cidrs.clear();
+        assert_eq!(
+            desired("team-a", &settings)["spec"]["egress"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        // It is a valid NetworkPolicy as far as the typed API goes.
+        let _: NetworkPolicy = serde_json::from_value(p).unwrap();
     }
 }
