@@ -7,10 +7,7 @@ default pod_spec := {}
 
 pod_spec := input.pod.spec if is_object(input.pod.spec)
 
-all_containers contains [list, c] if {
-	some list in ["initContainers", "containers", "ephemeralContainers"]
-	some c in object.get(pod_spec, list, [])
-}
+container_lists := ["initContainers", "containers", "ephemeralContainers"]
 
 admitting if input.action == "admit"
 
@@ -32,14 +29,16 @@ deny contains msg if {
 
 deny contains msg if {
 	admitting
-	some [list, c] in all_containers
+	some list in container_lists
+	some c in object.get(pod_spec, list, [])
 	c.securityContext.privileged == true
 	msg := sprintf("container %v (%v): privileged is not allowed", [c.name, list])
 }
 
 deny contains msg if {
 	admitting
-	some [list, c] in all_containers
+	some list in container_lists
+	some c in object.get(pod_spec, list, [])
 	some port in object.get(c, "ports", [])
 	object.get(port, "hostPort", 0) != 0
 	msg := sprintf("container %v (%v): hostPort %v is not allowed", [c.name, list, port.hostPort])
@@ -47,7 +46,8 @@ deny contains msg if {
 
 deny contains msg if {
 	admitting
-	some [list, c] in all_containers
+	some list in container_lists
+	some c in object.get(pod_spec, list, [])
 	added := object.get(c, ["securityContext", "capabilities", "add"], [])
 	count(added) > 0
 	msg := sprintf("container %v (%v): capabilities.add %v is not allowed", [c.name, list, added])
@@ -55,7 +55,8 @@ deny contains msg if {
 
 deny contains msg if {
 	admitting
-	some [list, c] in all_containers
+	some list in container_lists
+	some c in object.get(pod_spec, list, [])
 	c.securityContext.runAsUser == 0
 	msg := sprintf("container %v (%v): runAsUser 0 (root) is not allowed", [c.name, list])
 }
