@@ -62,7 +62,6 @@ pub struct Decision {
 /// A loaded policy set, ready to decide.
 #[derive(Debug, Clone)]
 pub struct Policies {
-    set: PolicySet,
     decision: Entrypoint,
     settings: Settings,
     origin: String,
@@ -107,7 +106,6 @@ impl Policies {
         }
         let settings = Settings::from_json(to_json(&raw)).map_err(LoadError::Settings)?;
         Ok(Self {
-            set,
             decision,
             settings,
             origin,
@@ -122,11 +120,6 @@ impl Policies {
     /// Where the policies came from, for logs.
     pub fn origin(&self) -> &str {
         &self.origin
-    }
-
-    /// The underlying policy set (for tests).
-    pub fn set(&self) -> &PolicySet {
-        &self.set
     }
 
     /// Evaluates the decision for an input document.

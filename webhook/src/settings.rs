@@ -2,8 +2,6 @@
 //! define them as `data.agentvm.settings`; they are evaluated once, when the policies load, and
 //! checked against this schema (unknown keys are an error, so a typo never goes unnoticed).
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 #[cfg(test)]
 use serde_json::json;
@@ -159,14 +157,6 @@ impl Settings {
     /// Whether `namespace` is excluded by exact name.
     pub fn is_excluded(&self, namespace: &str) -> bool {
         self.excluded_namespaces.iter().any(|n| n == namespace)
-    }
-}
-
-/// Settings as a sorted map, for `agentvm policy settings` style output and docs.
-pub fn describe(settings: &Settings) -> BTreeMap<String, Value> {
-    match serde_json::to_value(settings) {
-        Ok(Value::Object(m)) => m.into_iter().collect(),
-        _ => BTreeMap::new(),
     }
 }
 
