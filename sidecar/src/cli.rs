@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentvm_sidecar::dispatch::{self, DispatchConfig, DispatchState};
 use agentvm_sidecar::exec::command::{base_env, Policy, DEFAULT_PATH};
 use agentvm_sidecar::exec::{self, server, ExecConfig, ExecState};
 use agentvm_sidecar::probe;
@@ -34,6 +35,8 @@ enum Command {
     Exec(ExecArgs),
     /// Serve the tool-call proxy: MCP for the agent, every call decided by Rego and audited.
     Proxy(ProxyArgs),
+    /// Serve the exec dispatcher: the exec server's API, each command run as a Kubernetes Job.
+    Dispatch(DispatchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -159,12 +162,83 @@ struct ExecArgs {
     access_log: bool,
 }
 
+#[derive(Debug, clap::Args)]
+struct DispatchArgs {
+    /// Address of the exec API.
+    #[arg(long, env = "AGENTVM_LISTEN", default_value = "127.0.0.1:7412")]
+    listen: SocketAddr,
+    /// Namespace the Jobs go to (the dispatcher's own, from the downward API).
+    #[arg(long, env = "AGENTVM_POD_NAMESPACE")]
+    namespace: String,
+    /// Value of the agentvm.dev/dispatcher label on this dispatcher's Jobs; Jobs with it are
+    /// deleted at start-up. The dispatcher's pod name (downward API).
+    #[arg(long, env = "AGENTVM_POD_NAME")]
+    dispatcher_id: String,
+    /// Image of the Jobs' container: the tools commands may run.
+    #[arg(long, env = "AGENTVM_DISPATCH_IMAGE")]
+    image: String,
+    /// Working directory of commands, an empty scratch volume in the Job's pod.
+    #[arg(long, env = "AGENTVM_DISPATCH_WORKDIR", default_value = "/workspace")]
+    workdir: String,
+    /// Cap on the output, in bytes; the rest is dropped and flagged.
+    #[arg(
+        long,
+        env = "AGENTVM_EXEC_MAX_OUTPUT_BYTES",
+        default_value_t = server::DEFAULT_MAX_OUTPUT_BYTES,
+    )]
+    max_output_bytes: usize,
+    /// Time limit of a command that sets none, in milliseconds.
+    #[arg(
+        long,
+        env = "AGENTVM_EXEC_DEFAULT_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    default_timeout_ms: u64,
+    /// Largest time limit a request may set, in milliseconds.
+    #[arg(long, env = "AGENTVM_EXEC_MAX_TIMEOUT_MS", default_value_t = 600_000)]
+    max_timeout_ms: u64,
+    /// Jobs running at once; further requests get HTTP 429.
+    #[arg(
+        long,
+        env = "AGENTVM_EXEC_MAX_CONCURRENT",
+        default_value_t = server::DEFAULT_MAX_CONCURRENT,
+    )]
+    max_concurrent: usize,
+    /// Largest request body, in bytes; larger ones get HTTP 413.
+    #[arg(long, env = "AGENTVM_MAX_BODY_BYTES", default_value_t = server::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// PATH of commands.
+    #[arg(long, env = "AGENTVM_EXEC_PATH", default_value = DEFAULT_PATH)]
+    path: String,
+    /// Seconds a finished Job is kept when the dispatcher could not delete it.
+    #[arg(long, env = "AGENTVM_DISPATCH_TTL_SECONDS", default_value_t = 300)]
+    ttl_seconds: i32,
+    /// Time limit of each call to the Kubernetes API, in milliseconds.
+    #[arg(
+        long,
+        env = "AGENTVM_DISPATCH_API_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    api_timeout_ms: u64,
+    /// Milliseconds allowed past a command's time limit for the Job controller to report its
+    /// end; after that the answer says timed_out and the dispatcher deletes the Job.
+    #[arg(long, env = "AGENTVM_DISPATCH_WAIT_SLACK_MS", default_value_t = 30_000)]
+    wait_slack_ms: u64,
+    /// Seconds requests in flight may take to finish after SIGTERM.
+    #[arg(long, env = "AGENTVM_GRACE_PERIOD", default_value_t = 20)]
+    grace_period: u64,
+    /// Log one INFO line per request.
+    #[arg(long, env = "AGENTVM_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    access_log: bool,
+}
+
 /// Runs the chosen command.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Probe(args) => run_probe(&args),
         Command::Exec(args) => run_exec(args),
         Command::Proxy(args) => run_proxy(args),
+        Command::Dispatch(args) => run_dispatch(args),
     }
 }
 
@@ -261,6 +335,112 @@ fn run_exec(args: ExecArgs) -> ExitCode {
         agentvm_common::serve::serve(listener, None, app, shutdown, grace).await;
         // Commands still running after the grace period do not outlive the server.
         agentvm_sidecar::reaper::kill_all();
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+fn dispatch_config(args: &DispatchArgs) -> Result<DispatchConfig, String> {
+    if args.namespace.is_empty() {
+        return Err("--namespace (AGENTVM_POD_NAMESPACE) must be set".into());
+    }
+    if !dispatch::job::is_label_value(&args.dispatcher_id) {
+        return Err(format!(
+            "--dispatcher-id {:?} must be a label value: 1 to 63 letters, digits, '-', '_' or \
+             '.', starting and ending with a letter or digit",
+            args.dispatcher_id
+        ));
+    }
+    if args.image.is_empty() {
+        return Err("--image must be set".into());
+    }
+    if !args.workdir.starts_with('/') || args.workdir.split('/').any(|c| c == "..") {
+        return Err("--workdir must be an absolute path without ..".into());
+    }
+    if args.max_concurrent == 0 {
+        return Err("--max-concurrent must be at least 1".into());
+    }
+    if args.default_timeout_ms == 0 || args.default_timeout_ms > args.max_timeout_ms {
+        return Err("--default-timeout-ms must be between 1 and --max-timeout-ms".into());
+    }
+    if args.ttl_seconds < 0 || args.api_timeout_ms == 0 {
+        return Err("--ttl-seconds must be at least 0 and --api-timeout-ms at least 1".into());
+    }
+    let base_env = vec![
+        ("PATH".to_owned(), args.path.clone()),
+        ("HOME".to_owned(), args.workdir.clone()),
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+        ("TMPDIR".to_owned(), "/tmp".to_owned()),
+    ];
+    Ok(DispatchConfig {
+        template: dispatch::job::Template {
+            image: args.image.clone(),
+            dispatcher: args.dispatcher_id.clone(),
+            workdir: args.workdir.clone(),
+            base_env,
+            default_timeout: Duration::from_millis(args.default_timeout_ms),
+            max_timeout: Duration::from_millis(args.max_timeout_ms),
+            ttl_seconds: args.ttl_seconds,
+        },
+        wait_slack: Duration::from_millis(args.wait_slack_ms),
+        max_output_bytes: args.max_output_bytes,
+        max_body_bytes: args.max_body_bytes,
+        max_concurrent: args.max_concurrent,
+        access_log: args.access_log,
+    })
+}
+
+fn run_dispatch(args: DispatchArgs) -> ExitCode {
+    let config = match dispatch_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agentvm-sidecar dispatch: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    agentvm_common::tls::install_default_provider();
+    let Some(rt) = runtime(true) else {
+        return ExitCode::FAILURE;
+    };
+    let grace = Duration::from_secs(args.grace_period);
+    let api_timeout = Duration::from_millis(args.api_timeout_ms);
+    rt.block_on(async move {
+        let client = match kube::Config::infer().await.map(kube::Client::try_from) {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => {
+                eprintln!("agentvm-sidecar dispatch: no cluster client: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            Err(e) => {
+                eprintln!("agentvm-sidecar dispatch: no cluster configuration: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        let jobs = dispatch::jobs::Jobs::new(client, &args.namespace, api_timeout);
+        let state = Arc::new(DispatchState::new(config, jobs));
+        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!(
+                    "agentvm-sidecar dispatch: cannot listen on {}: {e}",
+                    args.listen
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        match state.delete_orphans().await {
+            Ok(n) => tracing::info!(deleted = n, "orphaned jobs deleted"),
+            // Not fatal: their deadline ends them and ttlSecondsAfterFinished removes them.
+            Err(e) => tracing::warn!(error = %e, "cannot delete orphaned jobs"),
+        }
+        tracing::info!(
+            listen = %args.listen,
+            k8s.namespace = %args.namespace,
+            image = %args.image,
+            "dispatcher serving"
+        );
+        let shutdown = agentvm_common::serve::shutdown_signal();
+        agentvm_common::serve::serve(listener, None, dispatch::app(state), shutdown, grace).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })

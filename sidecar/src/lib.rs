@@ -1,6 +1,7 @@
-//! The agentvm sidecar: the in-pod tool-call proxy, the exec server and the startup probe of
-//! both.
+//! The agentvm sidecar: the in-pod tool-call proxy, the exec server, the exec dispatcher and the
+//! startup probe of both servers.
 
+pub mod dispatch;
 pub mod exec;
 pub mod probe;
 pub mod proxy;

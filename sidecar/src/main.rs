@@ -1,5 +1,5 @@
-//! `agentvm-sidecar`: the in-pod tool-call proxy (`proxy`), the exec server (`exec`) and the
-//! startup probe of both (`probe`).
+//! `agentvm-sidecar`: the in-pod tool-call proxy (`proxy`), the exec server (`exec`), the exec
+//! dispatcher (`dispatch`) and the startup probe of the servers (`probe`).
 
 use std::process::ExitCode;
 

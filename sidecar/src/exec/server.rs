@@ -260,7 +260,7 @@ async fn handle(
     Ok(outcome.into())
 }
 
-async fn read_body(limit: usize, body: Body) -> Result<axum::body::Bytes, ExecError> {
+pub(crate) async fn read_body(limit: usize, body: Body) -> Result<axum::body::Bytes, ExecError> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         // `to_bytes` reports the limit through the error's source chain.
         let mut source: Option<&dyn std::error::Error> = Some(&e);
