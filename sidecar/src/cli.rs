@@ -167,16 +167,25 @@ struct DispatchArgs {
     /// Address of the exec API.
     #[arg(long, env = "AGENTVM_LISTEN", default_value = "127.0.0.1:7412")]
     listen: SocketAddr,
-    /// Namespace the Jobs go to (the dispatcher's own, from the downward API).
-    #[arg(long, env = "AGENTVM_POD_NAMESPACE")]
+    /// Namespace the Jobs go to (the dispatcher's own, from the downward API). Required.
+    #[arg(long, env = "AGENTVM_POD_NAMESPACE", default_value = "")]
     namespace: String,
     /// Value of the agentvm.dev/dispatcher label on this dispatcher's Jobs; Jobs with it are
-    /// deleted at start-up. The dispatcher's pod name (downward API).
-    #[arg(long, env = "AGENTVM_POD_NAME")]
+    /// deleted at start-up and at shutdown. The dispatcher's pod name (downward API). Required.
+    #[arg(long, env = "AGENTVM_POD_NAME", default_value = "")]
     dispatcher_id: String,
-    /// Image of the Jobs' container: the tools commands may run.
-    #[arg(long, env = "AGENTVM_DISPATCH_IMAGE")]
+    /// Image of the Jobs' container: the tools commands may run. Required.
+    #[arg(long, env = "AGENTVM_DISPATCH_IMAGE", default_value = "")]
     image: String,
+    /// CPU request and limit of a Job's container (a Kubernetes quantity, e.g. 500m).
+    #[arg(long, env = "AGENTVM_DISPATCH_CPU")]
+    cpu: Option<String>,
+    /// Memory request and limit of a Job's container (e.g. 256Mi).
+    #[arg(long, env = "AGENTVM_DISPATCH_MEMORY")]
+    memory: Option<String>,
+    /// Size limit of each scratch volume of a Job (/tmp and the working directory, e.g. 1Gi).
+    #[arg(long, env = "AGENTVM_DISPATCH_SCRATCH_SIZE")]
+    scratch_size: Option<String>,
     /// Working directory of commands, an empty scratch volume in the Job's pod.
     #[arg(long, env = "AGENTVM_DISPATCH_WORKDIR", default_value = "/workspace")]
     workdir: String,
@@ -363,6 +372,19 @@ fn dispatch_config(args: &DispatchArgs) -> Result<DispatchConfig, String> {
     if args.default_timeout_ms == 0 || args.default_timeout_ms > args.max_timeout_ms {
         return Err("--default-timeout-ms must be between 1 and --max-timeout-ms".into());
     }
+    for (flag, value) in [
+        ("--cpu", &args.cpu),
+        ("--memory", &args.memory),
+        ("--scratch-size", &args.scratch_size),
+    ] {
+        if let Some(v) = value {
+            let ok = v.starts_with(|c: char| c.is_ascii_digit())
+                && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '.');
+            if !ok {
+                return Err(format!("{flag} {v:?} is not a Kubernetes quantity"));
+            }
+        }
+    }
     if args.ttl_seconds < 0 || args.api_timeout_ms == 0 {
         return Err("--ttl-seconds must be at least 0 and --api-timeout-ms at least 1".into());
     }
@@ -381,6 +403,9 @@ fn dispatch_config(args: &DispatchArgs) -> Result<DispatchConfig, String> {
             default_timeout: Duration::from_millis(args.default_timeout_ms),
             max_timeout: Duration::from_millis(args.max_timeout_ms),
             ttl_seconds: args.ttl_seconds,
+            cpu: args.cpu.clone(),
+            memory: args.memory.clone(),
+            scratch_size: args.scratch_size.clone(),
         },
         wait_slack: Duration::from_millis(args.wait_slack_ms),
         max_output_bytes: args.max_output_bytes,
@@ -440,8 +465,13 @@ fn run_dispatch(args: DispatchArgs) -> ExitCode {
             "dispatcher serving"
         );
         let shutdown = agentvm_common::serve::shutdown_signal();
-        agentvm_common::serve::serve(listener, None, dispatch::app(state), shutdown, grace).await;
-        tracing::info!("stopped");
+        let app = dispatch::app(state.clone());
+        agentvm_common::serve::serve(listener, None, app, shutdown, grace).await;
+        // Jobs of requests cut off by the grace period do not outlive the dispatcher.
+        match state.delete_orphans().await {
+            Ok(n) => tracing::info!(deleted = n, "stopped"),
+            Err(e) => tracing::warn!(error = %e, "stopped; cannot delete jobs still running"),
+        }
         ExitCode::SUCCESS
     })
 }

@@ -30,6 +30,9 @@ fn config() -> DispatchConfig {
             default_timeout: Duration::from_secs(5),
             max_timeout: Duration::from_secs(60),
             ttl_seconds: 300,
+            cpu: None,
+            memory: None,
+            scratch_size: None,
         },
         wait_slack: Duration::from_secs(2),
         max_output_bytes: 1000,
@@ -126,8 +129,15 @@ async fn a_command_runs_as_a_hardened_job_that_is_deleted_afterwards() {
     let job = &created[0];
     let labels = json!({"agentvm.dev/role": "exec", "agentvm.dev/egress": "deny",
         "agentvm.dev/dispatcher": DISPATCHER, "app.kubernetes.io/managed-by": "agentvm-dispatcher"});
-    assert_eq!(job["metadata"]["labels"], labels);
     assert_eq!(job["spec"]["template"]["metadata"]["labels"], labels);
+    let mut job_labels = job["metadata"]["labels"].clone();
+    let request_id = job_labels
+        .as_object_mut()
+        .unwrap()
+        .remove("agentvm.dev/exec-id")
+        .unwrap();
+    assert_eq!(job_labels, labels);
+    assert!(request_id.as_str().unwrap().ends_with("-1"), "{request_id}");
     assert_eq!(job["spec"]["backoffLimit"], 0);
     assert_eq!(job["spec"]["activeDeadlineSeconds"], 5);
     assert_eq!(job["spec"]["ttlSecondsAfterFinished"], 300);
@@ -396,6 +406,20 @@ async fn api_failures_answer_502_or_503_within_the_bound() {
     assert!(state.delete_orphans().await.is_err());
     assert!(started.elapsed() < bound * 2);
 
+    // Created, but the answer never came: the Job is found by its request label and deleted.
+    stand_in.set_mode(Mode::HangCreate);
+    let started = Instant::now();
+    let (status, _, answer) = call(&app, json!({"argv": ["echo", "x"]})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert!(started.elapsed() < bound * 2);
+
+    assert_eq!(stand_in.store.lock().unwrap().created.len(), 1);
+    eventually("the unanswered job deleted", || {
+        stand_in.job_names().is_empty()
+    })
+    .await;
+    assert_eq!(deleted_in_background(&stand_in).len(), 1);
+
     // Nothing listens on the port any more.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -423,5 +447,164 @@ async fn health_endpoints_answer() {
         let request = Request::get(path).body(Body::empty()).unwrap();
         let response = app.clone().oneshot(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
+}
+
+/// The binary as a pod runs it: configured by the downward API's variables, reaching the API
+/// through a kubeconfig.
+mod binary {
+    use super::*;
+    use std::process::{Child, Command, Stdio};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const BIN: &str = env!("CARGO_BIN_EXE_agentvm-sidecar");
+
+    struct Server(Child);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn kubeconfig(api: SocketAddr) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "agentvm-dispatch-kubeconfig-{}-{}",
+            api.port(),
+            std::process::id()
+        ));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    \
+             server: http://{api}\ncontexts:\n- name: stand-in\n  context:\n    cluster: \
+             stand-in\n    user: tester\ncurrent-context: stand-in\nusers:\n- name: tester\n  \
+             user: {{}}\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn command(api: SocketAddr, port: u16) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(["dispatch", "--listen", &format!("127.0.0.1:{port}")])
+            .env("KUBECONFIG", kubeconfig(api))
+            .env("AGENTVM_POD_NAMESPACE", NAMESPACE)
+            .env("AGENTVM_POD_NAME", DISPATCHER)
+            .env("AGENTVM_DISPATCH_IMAGE", "registry.example.com/tools:1")
+            .env("AGENTVM_GRACE_PERIOD", "1")
+            .env("AGENTVM_LOG_LEVEL", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// One HTTP/1.1 request with `Connection: close`; the status and the body.
+    async fn http(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(request.as_bytes()).await.ok()?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.ok()?;
+        let status = answer.get(9..12)?.parse().ok()?;
+        let (_, body) = answer.split_once("\r\n\r\n")?;
+        Some((status, body.to_owned()))
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deletes_orphans_serves_and_deletes_jobs_in_flight_on_sigterm() {
+        let stand_in = StandIn::new();
+        let api = stand_in.serve().await;
+        stand_in.put_job(
+            "agentvm-exec-old",
+            json!({"agentvm.dev/dispatcher": DISPATCHER}),
+        );
+        let port = free_port();
+        let mut server = Server(command(api, port).spawn().unwrap());
+        let started = Instant::now();
+        while http(port, "GET", "/healthz", "").await.is_none() {
+            assert!(started.elapsed() < Duration::from_secs(10), "never served");
+            assert!(server.0.try_wait().unwrap().is_none(), "exited");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            stand_in.job_names().is_empty(),
+            "orphan deleted before serving"
+        );
+        assert_eq!(deleted_in_background(&stand_in), ["agentvm-exec-old"]);
+
+        let (status, body) = http(port, "POST", "/v1/exec", r#"{"argv":["echo","hi"]}"#)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["stdout"], "hi\n");
+
+        // A command still running when the grace period ends: its Job is deleted on the way out.
+        let in_flight = tokio::spawn(async move {
+            http(
+                port,
+                "POST",
+                "/v1/exec",
+                r#"{"argv":["sleep"],"timeout_ms":60000}"#,
+            )
+            .await
+        });
+        eventually("job created", || !stand_in.job_names().is_empty()).await;
+        let term = Command::new("kill")
+            .args(["-TERM", &server.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        let waited = Instant::now();
+        let status = loop {
+            if let Some(status) = server.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(waited.elapsed() < Duration::from_secs(5), "did not stop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(status.success(), "{status:?}");
+        assert!(
+            stand_in.job_names().is_empty(),
+            "job of the cut-off request deleted"
+        );
+        let _ = in_flight.await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn missing_settings_exit_64() {
+        let api: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for unset in [
+            "AGENTVM_DISPATCH_IMAGE",
+            "AGENTVM_POD_NAMESPACE",
+            "AGENTVM_POD_NAME",
+        ] {
+            let out = command(api, free_port())
+                .env_remove(unset)
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(64), "{unset}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("must be"), "{unset}: {stderr}");
+        }
+        let out = command(api, free_port())
+            .args(["--cpu", "lots"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64));
     }
 }

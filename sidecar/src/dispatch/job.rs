@@ -17,6 +17,8 @@ pub const ROLE_LABEL: &str = "agentvm.dev/role";
 pub const EGRESS_LABEL: &str = "agentvm.dev/egress";
 /// Label naming the dispatcher that created a Job, so it can find its own orphans.
 pub const DISPATCHER_LABEL: &str = "agentvm.dev/dispatcher";
+/// Label naming the request a Job serves, to find a Job whose creation went unanswered.
+pub const REQUEST_LABEL: &str = "agentvm.dev/exec-id";
 /// Label the Job controller puts on the pods of a Job.
 pub const JOB_NAME_LABEL: &str = "job-name";
 /// Name of the container that runs the command.
@@ -43,6 +45,12 @@ pub struct Template {
     pub max_timeout: Duration,
     /// Seconds a finished Job is kept if the dispatcher fails to delete it.
     pub ttl_seconds: i32,
+    /// CPU request and limit of the container (a Kubernetes quantity); none when unset.
+    pub cpu: Option<String>,
+    /// Memory request and limit of the container; none when unset.
+    pub memory: Option<String>,
+    /// Size limit of each scratch volume (`/tmp` and the working directory); none when unset.
+    pub scratch_size: Option<String>,
 }
 
 /// Why a request cannot become a Job. Each is an HTTP 400 with this message.
@@ -134,9 +142,26 @@ impl Template {
         Ok(clean.display().to_string())
     }
 
-    /// The Job that runs `plan`.
-    pub fn job(&self, plan: &Plan) -> Result<Job, serde_json::Error> {
+    /// The Job that runs `plan` for the request `request_id` (a label value).
+    pub fn job(&self, plan: &Plan, request_id: &str) -> Result<Job, serde_json::Error> {
         let labels = self.labels();
+        let mut job_labels = labels.clone();
+        job_labels.insert(REQUEST_LABEL, request_id.to_owned());
+        let mut resources = serde_json::Map::new();
+        for (name, value) in [("cpu", &self.cpu), ("memory", &self.memory)] {
+            if let Some(value) = value {
+                resources.insert(name.to_owned(), json!(value));
+            }
+        }
+        let resources = if resources.is_empty() {
+            json!({})
+        } else {
+            json!({"requests": resources, "limits": resources})
+        };
+        let scratch = match &self.scratch_size {
+            Some(size) => json!({"sizeLimit": size}),
+            None => json!({}),
+        };
         let env: Vec<_> = plan
             .env
             .iter()
@@ -164,7 +189,7 @@ impl Template {
         serde_json::from_value(json!({
             "apiVersion": "batch/v1",
             "kind": "Job",
-            "metadata": {"generateName": NAME_PREFIX, "labels": labels},
+            "metadata": {"generateName": NAME_PREFIX, "labels": job_labels},
             "spec": {
                 "backoffLimit": 0,
                 "completions": 1,
@@ -187,14 +212,15 @@ impl Template {
                             "workingDir": plan.cwd,
                             "env": env,
                             "securityContext": container_security,
+                            "resources": resources,
                             "volumeMounts": [
                                 {"name": "tmp", "mountPath": "/tmp"},
                                 {"name": "work", "mountPath": self.workdir},
                             ],
                         }],
                         "volumes": [
-                            {"name": "tmp", "emptyDir": {}},
-                            {"name": "work", "emptyDir": {}},
+                            {"name": "tmp", "emptyDir": scratch},
+                            {"name": "work", "emptyDir": scratch},
                         ],
                     },
                 },
@@ -218,6 +244,11 @@ impl Template {
     /// The label selector of this dispatcher's Jobs.
     pub fn selector(&self) -> String {
         format!("{DISPATCHER_LABEL}={}", self.dispatcher)
+    }
+
+    /// The label selector of the Job of the request `request_id`.
+    pub fn request_selector(&self, request_id: &str) -> String {
+        format!("{},{REQUEST_LABEL}={request_id}", self.selector())
     }
 }
 
@@ -248,6 +279,9 @@ mod tests {
             default_timeout: Duration::from_secs(30),
             max_timeout: Duration::from_secs(600),
             ttl_seconds: 300,
+            cpu: None,
+            memory: None,
+            scratch_size: None,
         }
     }
 
@@ -297,10 +331,12 @@ mod tests {
     fn the_job_is_hardened_labelled_and_bounded() {
         let t = template();
         let p = plan(json!({"argv": ["ls", "-l"], "timeout_ms": 1500})).unwrap();
-        let job = serde_json::to_value(t.job(&p).unwrap()).unwrap();
-        let labels = json!({"agentvm.dev/role": "exec", "agentvm.dev/egress": "deny",
+        let job = serde_json::to_value(t.job(&p, "r1").unwrap()).unwrap();
+        let mut labels = json!({"agentvm.dev/role": "exec", "agentvm.dev/egress": "deny",
             "agentvm.dev/dispatcher": "agent-7f9c",
             "app.kubernetes.io/managed-by": "agentvm-dispatcher"});
+        let pod_labels = labels.clone();
+        labels[REQUEST_LABEL] = json!("r1");
         assert_eq!(job["metadata"]["labels"], labels);
         assert_eq!(job["metadata"]["generateName"], NAME_PREFIX);
         let spec = &job["spec"];
@@ -308,7 +344,7 @@ mod tests {
         assert_eq!(spec["activeDeadlineSeconds"], 2, "rounded up");
         assert_eq!(spec["ttlSecondsAfterFinished"], 300);
         let pod = &spec["template"]["spec"];
-        assert_eq!(spec["template"]["metadata"]["labels"], labels);
+        assert_eq!(spec["template"]["metadata"]["labels"], pod_labels);
         assert_eq!(pod["restartPolicy"], "Never");
         assert_eq!(pod["automountServiceAccountToken"], false);
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
@@ -337,7 +373,28 @@ mod tests {
             .as_array()
             .unwrap()
             .iter()
-            .all(|v| v["emptyDir"].is_object()));
+            .all(|v| v["emptyDir"] == json!({})));
+        assert_eq!(c["resources"], json!({}));
+
+        let bounded = Template {
+            cpu: Some("500m".into()),
+            memory: Some("256Mi".into()),
+            scratch_size: Some("1Gi".into()),
+            ..template()
+        };
+        let job = serde_json::to_value(bounded.job(&p, "r2").unwrap()).unwrap();
+        let pod = &job["spec"]["template"]["spec"];
+        let both = json!({"cpu": "500m", "memory": "256Mi"});
+        assert_eq!(
+            pod["containers"][0]["resources"],
+            json!({"requests": both, "limits": both})
+        );
+        assert_eq!(pod["volumes"][0]["emptyDir"], json!({"sizeLimit": "1Gi"}));
+        assert_eq!(pod["volumes"][1]["emptyDir"], json!({"sizeLimit": "1Gi"}));
+        assert_eq!(
+            bounded.request_selector("r2"),
+            "agentvm.dev/dispatcher=agent-7f9c,agentvm.dev/exec-id=r2"
+        );
     }
 
     #[test]

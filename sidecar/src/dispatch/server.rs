@@ -51,6 +51,8 @@ pub struct DispatchState {
     jobs: Jobs,
     slots: Arc<Semaphore>,
     next_id: AtomicU64,
+    /// Start time in milliseconds, in hex: with `next_id`, a request id unique across restarts.
+    epoch: String,
 }
 
 impl DispatchState {
@@ -62,10 +64,18 @@ impl DispatchState {
             jobs,
             slots,
             next_id: AtomicU64::new(1),
+            epoch: format!(
+                "{:x}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or_default()
+            ),
         }
     }
 
-    /// Deletes the Jobs a previous run of this dispatcher left behind; the number deleted.
+    /// Deletes every Job of this dispatcher: at start-up those a previous run left behind, at
+    /// shutdown those of requests still in flight. The number deleted.
     pub async fn delete_orphans(&self) -> Result<usize, ApiError> {
         self.jobs.delete_all(&self.config.template.selector()).await
     }
@@ -191,7 +201,7 @@ async fn exec(State(state): State<Arc<DispatchState>>, body: Body) -> Response {
     );
     async move {
         let span = tracing::Span::current();
-        let response = match handle(&state, &span, body).await {
+        let response = match handle(&state, id, &span, body).await {
             Ok(r) => {
                 span.record("outcome", "ran");
                 span.record("exit_code", r.exit_code.map(i64::from));
@@ -257,6 +267,7 @@ impl Drop for Cleanup {
 
 async fn handle(
     state: &DispatchState,
+    id: u64,
     span: &tracing::Span,
     body: Body,
 ) -> Result<ExecResponse, DispatchError> {
@@ -270,7 +281,11 @@ async fn handle(
     span.record("exec.program", program.as_str());
     let plan = config.template.plan(request)?;
     span.record("exec.timeout_ms", plan.timeout.as_millis() as u64);
-    let job = config.template.job(&plan).map_err(DispatchError::Build)?;
+    let request_id = format!("{}-{id}", state.epoch);
+    let job = config
+        .template
+        .job(&plan, &request_id)
+        .map_err(DispatchError::Build)?;
     let _slot = state
         .slots
         .clone()
@@ -278,7 +293,22 @@ async fn handle(
         .map_err(|_| DispatchError::Busy)?;
 
     let started = Instant::now();
-    let created = state.jobs.create(&job).await?;
+    let created = match state.jobs.create(&job).await {
+        Ok(created) => created,
+        Err(e) => {
+            if matches!(e, ApiError::Timeout { .. } | ApiError::Unreachable { .. }) {
+                // The API server may have created the Job without the answer reaching us.
+                let jobs = state.jobs.clone();
+                let selector = config.template.request_selector(&request_id);
+                tokio::spawn(async move {
+                    if let Err(e) = jobs.delete_all(&selector).await {
+                        tracing::debug!(error = %e, "cannot look for a job created unanswered");
+                    }
+                });
+            }
+            return Err(e.into());
+        }
+    };
     let name = created.metadata.name.clone().unwrap_or_default();
     span.record("k8s.job", name.as_str());
     let mut cleanup = Cleanup {
@@ -317,6 +347,10 @@ async fn handle(
             });
         }
         _ => {}
+    }
+    if end == Some(JobEnd::Complete) {
+        // What the container reports, below; exit 0 is what `Complete` means.
+        answer.exit_code = Some(0);
     }
     if let Some(c) = &container {
         if c.ended && !timed_out {

@@ -37,6 +37,8 @@ pub enum Mode {
     Refuse,
     /// Never answers.
     Hang,
+    /// Creates Jobs (which then never run) but never answers the create.
+    HangCreate,
 }
 
 #[derive(Default)]
@@ -267,7 +269,7 @@ impl StandIn {
 async fn gate(State(s): State<StandIn>, request: Request, next: Next) -> Response {
     let mode = *s.mode.lock().unwrap();
     match mode {
-        Mode::Normal => next.run(request).await,
+        Mode::Normal | Mode::HangCreate => next.run(request).await,
         Mode::Refuse => status(500, "InternalError", "etcdserver: request timed out".into()),
         Mode::Hang => std::future::pending().await,
     }
@@ -304,6 +306,9 @@ async fn create_job(
         labels["batch.kubernetes.io/job-name"] = json!(name);
         job["status"] = json!({});
         store.jobs.insert(name.clone(), job.clone());
+    }
+    if *s.mode.lock().unwrap() == Mode::HangCreate {
+        return std::future::pending().await;
     }
     tokio::spawn(s.clone().run(name, argv, deadline));
     (StatusCode::CREATED, axum::Json(job)).into_response()
