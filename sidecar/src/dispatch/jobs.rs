@@ -299,3 +299,59 @@ fn state_of(pod: &Pod) -> Option<Terminated> {
         message: t.message.clone().unwrap_or_default(),
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn job(conditions: serde_json::Value) -> Job {
+        serde_json::from_value(
+            json!({"metadata": {"name": "j"}, "status": {"conditions": conditions}}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn only_complete_and_failed_end_a_job() {
+        assert_eq!(job_end(&Job::default()), None);
+        let target =
+            json!({"type": "FailureTarget", "status": "True", "reason": "DeadlineExceeded"});
+        assert_eq!(job_end(&job(json!([target]))), None, "pods may still run");
+        let failed = json!({"type": "Failed", "status": "True", "reason": "DeadlineExceeded"});
+        assert_eq!(
+            job_end(&job(json!([target, failed]))),
+            Some(JobEnd::DeadlineExceeded)
+        );
+        let backoff = json!({"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"});
+        assert_eq!(
+            job_end(&job(json!([backoff]))),
+            Some(JobEnd::Failed("BackoffLimitExceeded".into()))
+        );
+        let complete = json!({"type": "Complete", "status": "True"});
+        let met = json!({"type": "SuccessCriteriaMet", "status": "True"});
+        assert_eq!(
+            job_end(&job(json!([met, complete]))),
+            Some(JobEnd::Complete)
+        );
+        let not_yet = json!({"type": "Complete", "status": "False"});
+        assert_eq!(job_end(&job(json!([not_yet]))), None);
+    }
+
+    #[test]
+    fn the_container_state_comes_from_the_exec_container() {
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}, "status": {
+            "containerStatuses": [
+                {"name": "other", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                 "state": {"terminated": {"exitCode": 9}}},
+                {"name": "exec", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                 "state": {"terminated": {"exitCode": 2, "reason": "Error"}}}]}}))
+        .unwrap();
+        let state = state_of(&pod).unwrap();
+        assert_eq!((state.ended, state.exit_code), (true, Some(2)));
+        assert_eq!(state.reason, "Error");
+        let running: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}})).unwrap();
+        assert!(!state_of(&running).unwrap().ended);
+    }
+}
