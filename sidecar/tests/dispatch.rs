@@ -233,6 +233,18 @@ async fn a_command_past_its_deadline_answers_timed_out() {
 }
 
 #[tokio::test]
+async fn an_image_that_cannot_be_pulled_gets_502_before_the_deadline() {
+    let (stand_in, app) = started(config()).await;
+    let started = Instant::now();
+    let (status, _, answer) = call(&app, json!({"argv": ["badimage"], "timeout_ms": 30_000})).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("cannot start: ImagePullBackOff"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    eventually("job deleted", || stand_in.job_names().is_empty()).await;
+}
+
+#[tokio::test]
 async fn a_job_never_reported_on_is_given_up_after_the_slack() {
     let config = DispatchConfig {
         wait_slack: Duration::from_millis(300),

@@ -18,6 +18,14 @@ use super::job::{CONTAINER, JOB_NAME_LABEL};
 const MAX_WATCH_SECS: u64 = 290;
 /// Pause before watching again after a watch ended without the Job ending.
 const REWATCH_PAUSE: Duration = Duration::from_millis(200);
+/// Waiting reasons of a container that will not start without someone changing something:
+/// the Job would only sit there until its deadline.
+const STUCK: [&str; 4] = [
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+];
 
 /// A failed call to the Kubernetes API.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +71,13 @@ pub enum JobEnd {
     DeadlineExceeded,
     /// Condition `Failed` for another reason (the command failed or could not start).
     Failed(String),
+    /// The container waits for something that will not come (an image that cannot be pulled).
+    Stuck {
+        /// The waiting reason (`ImagePullBackOff`, ...).
+        reason: String,
+        /// The kubelet's message.
+        message: String,
+    },
 }
 
 /// The state of the command's container.
@@ -138,7 +153,7 @@ impl Jobs {
     }
 
     /// Waits until the Job `name` ends, watching from `version`; `None` when `bound` passed
-    /// first.
+    /// first. Its pod is watched too, to give up early on a container that cannot start.
     pub async fn wait(
         &self,
         name: &str,
@@ -147,23 +162,51 @@ impl Jobs {
     ) -> Result<Option<JobEnd>, ApiError> {
         let deadline = Instant::now() + bound;
         let fields = format!("metadata.name={name}");
+        let secs = |deadline: Instant| {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            remaining.as_secs().clamp(1, MAX_WATCH_SECS) as u32
+        };
+        // Best effort: without the pod watch the Job still ends at its deadline.
+        let pod_params = WatchParams::default()
+            .labels(&format!("{JOB_NAME_LABEL}={name}"))
+            .timeout(secs(deadline));
+        let mut pods = self
+            .bounded("watch the pods of a job", self.pods.watch(&pod_params, "0"))
+            .await
+            .ok()
+            .map(Box::pin);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Ok(None);
             }
-            let secs = remaining.as_secs().clamp(1, MAX_WATCH_SECS) as u32;
-            let params = WatchParams::default().fields(&fields).timeout(secs);
+            let params = WatchParams::default()
+                .fields(&fields)
+                .timeout(secs(deadline));
             let stream = self
                 .bounded("watch a job", self.jobs.watch(&params, &version))
                 .await?;
             let mut stream = std::pin::pin!(stream);
             let mut gone = false;
             loop {
-                let event = match tokio::time::timeout_at(deadline, stream.next()).await {
-                    Err(_) => return Ok(None),
-                    Ok(None) => break,
-                    Ok(Some(event)) => event,
+                let event = tokio::select! {
+                    event = stream.next() => event,
+                    event = next_or_pending(&mut pods) => {
+                        match event {
+                            Some(Ok(WatchEvent::Added(pod) | WatchEvent::Modified(pod))) => {
+                                if let Some(stuck) = stuck(&pod) {
+                                    return Ok(Some(stuck));
+                                }
+                            }
+                            Some(_) => {}
+                            None => pods = None,
+                        }
+                        continue;
+                    }
+                    () = tokio::time::sleep_until(deadline) => return Ok(None),
+                };
+                let Some(event) = event else {
+                    break;
                 };
                 match event {
                     Ok(WatchEvent::Added(job)) | Ok(WatchEvent::Modified(job)) => {
@@ -273,6 +316,36 @@ pub fn job_end(job: &Job) -> Option<JobEnd> {
             },
             _ => None,
         })
+}
+
+/// The next item of `stream`, or never when there is none.
+async fn next_or_pending<S: futures_util::Stream + Unpin>(
+    stream: &mut Option<S>,
+) -> Option<S::Item> {
+    match stream {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The command's container waits for something that will not come.
+fn stuck(pod: &Pod) -> Option<JobEnd> {
+    let waiting = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|s| s.name == CONTAINER)?
+        .state
+        .as_ref()?
+        .waiting
+        .as_ref()?;
+    let reason = waiting.reason.clone().unwrap_or_default();
+    STUCK.contains(&reason.as_str()).then(|| JobEnd::Stuck {
+        reason,
+        message: waiting.message.clone().unwrap_or_default(),
+    })
 }
 
 fn state_of(pod: &Pod) -> Option<Terminated> {

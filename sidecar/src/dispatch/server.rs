@@ -124,6 +124,14 @@ pub enum DispatchError {
         /// The Job's failure reason.
         reason: String,
     },
+    /// The Job's container cannot start (an image that cannot be pulled, for instance).
+    #[error("the job's container cannot start: {reason}: {message}")]
+    Stuck {
+        /// The kubelet's waiting reason.
+        reason: String,
+        /// The kubelet's message.
+        message: String,
+    },
     /// The Job could not be built (a bug: the template does not deserialise).
     #[error("cannot build the job: {0}")]
     Build(#[source] serde_json::Error),
@@ -142,7 +150,9 @@ impl DispatchError {
             }
             DispatchError::Busy => StatusCode::TOO_MANY_REQUESTS,
             DispatchError::Build(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            DispatchError::NoOutcome { .. } => StatusCode::BAD_GATEWAY,
+            DispatchError::NoOutcome { .. } | DispatchError::Stuck { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             DispatchError::Api(ApiError::Refused { .. } | ApiError::Vanished(_)) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -161,6 +171,7 @@ impl DispatchError {
             DispatchError::Busy => "busy",
             DispatchError::Start { .. } => "spawn_failed",
             DispatchError::NoOutcome { .. } => "no_outcome",
+            DispatchError::Stuck { .. } => "not_started",
             DispatchError::Build(_) => "internal",
             DispatchError::Api(_) => "api_failed",
         }
@@ -321,6 +332,10 @@ async fn handle(
         .wait(&name, version, plan.timeout + config.wait_slack)
         .await?;
     let duration = started.elapsed();
+    if let Some(JobEnd::Stuck { reason, message }) = end {
+        // Dropping `cleanup` deletes the Job.
+        return Err(DispatchError::Stuck { reason, message });
+    }
     let container = state.jobs.terminated(&name).await?;
     let timed_out = matches!(end, None | Some(JobEnd::DeadlineExceeded));
     let mut answer = ExecResponse {

@@ -9,7 +9,9 @@
 //! - `missing`: the runtime cannot start it (`StartError`, exit code 128);
 //! - `sleep`: runs until `activeDeadlineSeconds`, then the Job fails with `DeadlineExceeded`
 //!   and its pod is deleted, as the Job controller does;
-//! - `stall`: starts and is never reported on again.
+//! - `stall`: starts and is never reported on again;
+//! - `badimage`: its image cannot be pulled (`ErrImagePull`, then `ImagePullBackOff`) until
+//!   the deadline.
 //!
 //! Each step takes `step` (50 ms by default).
 #![allow(dead_code)]
@@ -176,6 +178,11 @@ impl StandIn {
             return;
         }
         store.rv += 1;
+        let kind = if store.pods.contains_key(pod) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
         let object = json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": pod, "namespace": NAMESPACE, "resourceVersion": store.rv.to_string(),
                 "labels": {"job-name": job, "batch.kubernetes.io/job-name": job}},
@@ -183,7 +190,8 @@ impl StandIn {
             "status": {"phase": if container_state.get("terminated").is_some() { "Succeeded" } else { "Running" },
                 "containerStatuses": [{"name": "exec", "image": "i", "imageID": "", "ready": false,
                     "restartCount": 0, "state": container_state}]}});
-        store.pods.insert(pod.to_owned(), object);
+        store.pods.insert(pod.to_owned(), object.clone());
+        let _ = self.events.send(json!({"type": kind, "object": object}));
         if let Some(log) = log {
             store.logs.insert(pod.to_owned(), log);
         }
@@ -214,6 +222,23 @@ impl StandIn {
                 "exec: \"missing\": executable file not found in $PATH",
                 Vec::new(),
             ),
+            "badimage" => {
+                let waiting = |reason: &str| {
+                    json!({"waiting": {"reason": reason,
+                        "message": "Back-off pulling image \"registry.example.com/nope:1\""}})
+                };
+                self.put_pod(&name, &pod, waiting("ErrImagePull"), None);
+                tokio::time::sleep(self.step).await;
+                self.put_pod(&name, &pod, waiting("ImagePullBackOff"), None);
+                tokio::time::sleep(Duration::from_secs(deadline)).await;
+                self.fail(
+                    &name,
+                    "DeadlineExceeded",
+                    "Job was active longer than specified deadline",
+                )
+                .await;
+                return;
+            }
             "sleep" => {
                 tokio::time::sleep(Duration::from_secs(deadline)).await;
                 self.fail(
@@ -349,7 +374,7 @@ async fn list_jobs(
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     if query.get("watch").map(String::as_str) == Some("true") {
-        return watch_jobs(s, query);
+        return watch(s, query, "Job");
     }
     let store = s.store.lock().unwrap();
     let items: Vec<Value> = store
@@ -363,9 +388,10 @@ async fn list_jobs(
     .into_response()
 }
 
-/// `?watch=true`: events of the Jobs that match `fieldSelector=metadata.name=NAME`, newer than
-/// `resourceVersion`, one JSON document per line, until `timeoutSeconds`.
-fn watch_jobs(s: StandIn, query: HashMap<String, String>) -> Response {
+/// `?watch=true`: events of the objects of `kind` that match `fieldSelector=metadata.name=NAME`
+/// and `labelSelector`, newer than `resourceVersion`, one JSON document per line, until
+/// `timeoutSeconds`.
+fn watch(s: StandIn, query: HashMap<String, String>, kind: &'static str) -> Response {
     let name = query
         .get("fieldSelector")
         .and_then(|f| f.strip_prefix("metadata.name="))
@@ -387,9 +413,15 @@ fn watch_jobs(s: StandIn, query: HashMap<String, String>) -> Response {
     };
     let initial: Vec<Value> = {
         let mut store = s.store.lock().unwrap();
-        store.watches.push(query.clone());
-        store
-            .jobs
+        if kind == "Job" {
+            store.watches.push(query.clone());
+        }
+        let objects = if kind == "Job" {
+            &store.jobs
+        } else {
+            &store.pods
+        };
+        objects
             .values()
             .filter(|j| matches(j))
             .filter(|j| {
@@ -438,6 +470,9 @@ async fn list_pods(
     State(s): State<StandIn>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
+    if query.get("watch").map(String::as_str) == Some("true") {
+        return watch(s, query, "Pod");
+    }
     let store = s.store.lock().unwrap();
     let items: Vec<Value> = store
         .pods
