@@ -123,6 +123,11 @@ impl Jobs {
         }
     }
 
+    /// The time limit of each call.
+    pub fn api_timeout(&self) -> Duration {
+        self.api_timeout
+    }
+
     async fn bounded<T>(
         &self,
         action: &'static str,

@@ -308,10 +308,12 @@ async fn handle(
         Ok(created) => created,
         Err(e) => {
             if matches!(e, ApiError::Timeout { .. } | ApiError::Unreachable { .. }) {
-                // The API server may have created the Job without the answer reaching us.
+                // The API server may have created the Job without the answer reaching us, or
+                // may still: look for it once the create would have been answered.
                 let jobs = state.jobs.clone();
                 let selector = config.template.request_selector(&request_id);
                 tokio::spawn(async move {
+                    tokio::time::sleep(jobs.api_timeout()).await;
                     if let Err(e) = jobs.delete_all(&selector).await {
                         tracing::debug!(error = %e, "cannot look for a job created unanswered");
                     }
