@@ -127,7 +127,7 @@ async fn a_command_runs_as_a_hardened_job_that_is_deleted_afterwards() {
     let created = stand_in.store.lock().unwrap().created.clone();
     assert_eq!(created.len(), 1);
     let job = &created[0];
-    let labels = json!({"agentvm.dev/role": "exec", "agentvm.dev/egress": "deny",
+    let labels = json!({"agentvm.dev/role": "exec",
         "agentvm.dev/dispatcher": DISPATCHER, "app.kubernetes.io/managed-by": "agentvm-dispatcher"});
     assert_eq!(job["spec"]["template"]["metadata"]["labels"], labels);
     let mut job_labels = job["metadata"]["labels"].clone();

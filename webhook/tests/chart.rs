@@ -240,6 +240,18 @@ fn non_default_render_is_valid() {
         find(&objects, "Deployment", "agentvm-exec")["metadata"]["namespace"],
         "team-a"
     );
+    let dispatcher = find(&objects, "Deployment", "agentvm-dispatcher");
+    let env = dispatcher["spec"]["template"]["spec"]["containers"][0]["env"].to_string();
+    for name in [
+        "AGENTVM_POD_NAME",
+        "AGENTVM_POD_NAMESPACE",
+        "AGENTVM_DISPATCH_IMAGE",
+    ] {
+        assert!(
+            env.contains(name),
+            "the dispatcher exits 64 without {name}: {env}"
+        );
+    }
     let role = find(&objects, "Role", "agentvm-dispatcher");
     assert_eq!(role["metadata"]["namespace"], "team-b");
     assert!(objects.iter().any(|o| o["kind"] == "Certificate"));

@@ -1,6 +1,8 @@
 //! The Job of one exec request: argv run directly (no shell unless argv names one) in a pod
-//! hardened the way the webhook hardens exec pods, labelled so that the webhook and the
-//! deny-egress policy select it.
+//! hardened the way the webhook hardens exec pods, labelled `agentvm.dev/role: exec` so that the
+//! exec-isolation NetworkPolicy (deny-all egress, ingress from agents only) selects it. It does
+//! not carry `agentvm.dev/egress: deny`: that would add the agents' own allowances (DNS, exec
+//! services, tool CIDRs), since NetworkPolicies add up.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
@@ -13,8 +15,6 @@ use crate::exec::command::{ExecRequest, RequestError};
 
 /// Label of exec pods and dispatcher Jobs.
 pub const ROLE_LABEL: &str = "agentvm.dev/role";
-/// Label the deny-egress NetworkPolicy selects.
-pub const EGRESS_LABEL: &str = "agentvm.dev/egress";
 /// Label naming the dispatcher that created a Job, so it can find its own orphans.
 pub const DISPATCHER_LABEL: &str = "agentvm.dev/dispatcher";
 /// Label naming the request a Job serves, to find a Job whose creation went unanswered.
@@ -232,7 +232,6 @@ impl Template {
     pub fn labels(&self) -> BTreeMap<&'static str, String> {
         BTreeMap::from([
             (ROLE_LABEL, "exec".to_owned()),
-            (EGRESS_LABEL, "deny".to_owned()),
             (DISPATCHER_LABEL, self.dispatcher.clone()),
             (
                 "app.kubernetes.io/managed-by",
@@ -332,7 +331,7 @@ mod tests {
         let t = template();
         let p = plan(json!({"argv": ["ls", "-l"], "timeout_ms": 1500})).unwrap();
         let job = serde_json::to_value(t.job(&p, "r1").unwrap()).unwrap();
-        let mut labels = json!({"agentvm.dev/role": "exec", "agentvm.dev/egress": "deny",
+        let mut labels = json!({"agentvm.dev/role": "exec",
             "agentvm.dev/dispatcher": "agent-7f9c",
             "app.kubernetes.io/managed-by": "agentvm-dispatcher"});
         let pod_labels = labels.clone();
