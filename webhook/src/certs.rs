@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
@@ -342,53 +342,63 @@ pub async fn reconcile(
         }
     };
     let bundle = ByteString(material.bundle().into_bytes());
-    let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    if let Some(mut c) = bounded(
-        "read the MutatingWebhookConfiguration",
-        mutating.get_opt(&cfg.webhook_configuration),
-    )
-    .await?
-    {
-        let webhooks = c.webhooks.get_or_insert_with(Vec::new);
-        if webhooks
-            .iter()
-            .any(|w| w.client_config.ca_bundle.as_ref() != Some(&bundle))
-        {
-            webhooks
-                .iter_mut()
-                .for_each(|w| w.client_config.ca_bundle = Some(bundle.clone()));
-            bounded(
-                "write the MutatingWebhookConfiguration",
-                mutating.replace(&cfg.webhook_configuration, &PostParams::default(), &c),
-            )
-            .await?;
-        }
-    }
-    let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    if let Some(mut c) = bounded(
-        "read the ValidatingWebhookConfiguration",
-        validating.get_opt(&cfg.webhook_configuration),
-    )
-    .await?
-    {
-        let webhooks = c.webhooks.get_or_insert_with(Vec::new);
-        if webhooks
-            .iter()
-            .any(|w| w.client_config.ca_bundle.as_ref() != Some(&bundle))
-        {
-            webhooks
-                .iter_mut()
-                .for_each(|w| w.client_config.ca_bundle = Some(bundle.clone()));
-            bounded(
-                "write the ValidatingWebhookConfiguration",
-                validating.replace(&cfg.webhook_configuration, &PostParams::default(), &c),
-            )
-            .await?;
-        }
-    }
+    let name = &cfg.webhook_configuration;
+    publish::<MutatingWebhookConfiguration>(client, name, &bundle, |c| {
+        c.webhooks
+            .iter_mut()
+            .flatten()
+            .map(|w| &mut w.client_config)
+            .collect()
+    })
+    .await?;
+    publish::<ValidatingWebhookConfiguration>(client, name, &bundle, |c| {
+        c.webhooks
+            .iter_mut()
+            .flatten()
+            .map(|w| &mut w.client_config)
+            .collect()
+    })
+    .await?;
     write_if_changed(&cfg.cert_path, &material.cert)?;
     write_if_changed(&cfg.key_path, &material.key)?;
     Ok(material)
+}
+
+/// Writes the CA bundle into every entry of one webhook configuration, if it differs (a missing
+/// configuration is not an error: the chart may not be installed yet).
+async fn publish<K>(
+    client: &kube::Client,
+    name: &str,
+    bundle: &ByteString,
+    entries: impl Fn(&mut K) -> Vec<&mut WebhookClientConfig>,
+) -> Result<(), CertError>
+where
+    K: kube::Resource<Scope = k8s_openapi::ClusterResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let what = K::kind(&K::DynamicType::default()).into_owned();
+    let api: Api<K> = Api::all(client.clone());
+    let Some(mut config) = bounded(&format!("read the {what}"), api.get_opt(name)).await? else {
+        return Ok(());
+    };
+    let mut configs = entries(&mut config);
+    if configs.iter().all(|c| c.ca_bundle.as_ref() == Some(bundle)) {
+        return Ok(());
+    }
+    configs
+        .iter_mut()
+        .for_each(|c| c.ca_bundle = Some(bundle.clone()));
+    drop(configs);
+    bounded(
+        &format!("write the {what}"),
+        api.replace(name, &PostParams::default(), &config),
+    )
+    .await?;
+    Ok(())
 }
 
 fn write_if_changed(path: &std::path::Path, text: &str) -> Result<(), CertError> {

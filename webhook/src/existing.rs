@@ -297,6 +297,30 @@ pub fn adopt_patch(kind: &str, restarted_at: &str) -> Value {
     json!({"metadata": {"labels": {AGENT_LABEL: "true"}}, "spec": spec})
 }
 
+/// Runs `$body` with `$api` bound to the namespaced API of the adoptable `$kind`.
+macro_rules! with_api {
+    ($kind:expr, $client:expr, $namespace:expr, |$api:ident| $body:expr) => {
+        match $kind {
+            "deployment" => {
+                let $api = Api::<Deployment>::namespaced($client.clone(), $namespace);
+                $body
+            }
+            "statefulset" => {
+                let $api = Api::<StatefulSet>::namespaced($client.clone(), $namespace);
+                $body
+            }
+            "daemonset" => {
+                let $api = Api::<DaemonSet>::namespaced($client.clone(), $namespace);
+                $body
+            }
+            _ => {
+                let $api = Api::<CronJob>::namespaced($client.clone(), $namespace);
+                $body
+            }
+        }
+    };
+}
+
 /// Names of the workloads of `kind` in `namespace` matching a label selector.
 pub async fn select(
     client: &kube::Client,
@@ -309,40 +333,14 @@ pub async fn select(
         what: format!("list {kind}s"),
         message: e.to_string(),
     };
-    let names: Vec<String> = match kind {
-        "deployment" => Api::<Deployment>::namespaced(client.clone(), namespace)
-            .list(&params)
-            .await
-            .map_err(err)?
-            .items
-            .into_iter()
-            .filter_map(|o| o.metadata.name)
-            .collect(),
-        "statefulset" => Api::<StatefulSet>::namespaced(client.clone(), namespace)
-            .list(&params)
-            .await
-            .map_err(err)?
-            .items
-            .into_iter()
-            .filter_map(|o| o.metadata.name)
-            .collect(),
-        "daemonset" => Api::<DaemonSet>::namespaced(client.clone(), namespace)
-            .list(&params)
-            .await
-            .map_err(err)?
-            .items
-            .into_iter()
-            .filter_map(|o| o.metadata.name)
-            .collect(),
-        _ => Api::<CronJob>::namespaced(client.clone(), namespace)
-            .list(&params)
-            .await
-            .map_err(err)?
-            .items
-            .into_iter()
-            .filter_map(|o| o.metadata.name)
-            .collect(),
-    };
+    let names: Vec<String> = with_api!(kind, client, namespace, |api| api
+        .list(&params)
+        .await
+        .map_err(err)?
+        .items
+        .into_iter()
+        .filter_map(|o| o.metadata.name)
+        .collect());
     Ok(names
         .into_iter()
         .map(|name| Target {
@@ -365,26 +363,9 @@ pub async fn adopt(
         what: format!("patch {}/{}", target.kind, target.name),
         message: e.to_string(),
     };
-    match target.kind.as_str() {
-        "deployment" => Api::<Deployment>::namespaced(client.clone(), namespace)
-            .patch(&target.name, &params, &p)
-            .await
-            .map(drop)
-            .map_err(err),
-        "statefulset" => Api::<StatefulSet>::namespaced(client.clone(), namespace)
-            .patch(&target.name, &params, &p)
-            .await
-            .map(drop)
-            .map_err(err),
-        "daemonset" => Api::<DaemonSet>::namespaced(client.clone(), namespace)
-            .patch(&target.name, &params, &p)
-            .await
-            .map(drop)
-            .map_err(err),
-        _ => Api::<CronJob>::namespaced(client.clone(), namespace)
-            .patch(&target.name, &params, &p)
-            .await
-            .map(drop)
-            .map_err(err),
-    }
+    with_api!(target.kind.as_str(), client, namespace, |api| api
+        .patch(&target.name, &params, &p)
+        .await
+        .map(drop)
+        .map_err(err))
 }
