@@ -94,8 +94,10 @@ struct ServeArgs {
     /// Name of the Mutating- and ValidatingWebhookConfiguration that get the CA bundle.
     #[arg(long, env = "AGENTVM_WEBHOOK_CONFIGURATION", default_value = "agentvm")]
     webhook_configuration: String,
-    /// Cluster access for CONNECT pod lookups: `infer` (like kubectl) or `off`.
-    #[arg(long, env = "AGENTVM_CLUSTER", default_value = "infer", value_parser = ["infer", "off"])]
+    /// Cluster access (pod lookups, namespace labels, the deny-egress NetworkPolicy,
+    /// certificates): `infer` (like kubectl; without it, run without), `required` (refuse to
+    /// start without it; what the chart uses) or `off`.
+    #[arg(long, env = "AGENTVM_CLUSTER", default_value = "infer", value_parser = ["infer", "required", "off"])]
     cluster: String,
 }
 
@@ -192,7 +194,9 @@ fn serve(args: ServeArgs) -> ExitCode {
                 key_path: args.tls_key.clone(),
             }
         }),
-        cluster: if args.cluster == "off" {
+        cluster: if args.cluster == "required" {
+            ClusterAccess::Required
+        } else if args.cluster == "off" {
             ClusterAccess::Off
         } else {
             ClusterAccess::Infer

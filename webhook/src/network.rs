@@ -68,12 +68,7 @@ pub fn desired(namespace: &str, settings: &Settings) -> Value {
 pub struct NetworkPolicies {
     client: kube::Client,
     namespaces: Arc<Mutex<BTreeSet<String>>>,
-    verified: Arc<Mutex<std::collections::HashMap<String, std::time::Instant>>>,
 }
-
-/// How long a verified NetworkPolicy is trusted before an admission checks it again (the
-/// reconciler checks them all meanwhile).
-const VERIFIED_TTL: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for NetworkPolicies {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,7 +82,6 @@ impl NetworkPolicies {
         Self {
             client,
             namespaces: Arc::default(),
-            verified: Arc::default(),
         }
     }
 
@@ -100,21 +94,46 @@ impl NetworkPolicies {
         settings: &Settings,
         dry_run: bool,
     ) -> Result<(), NetworkError> {
-        let fresh = self
-            .verified
-            .lock()
-            .ok()
-            .and_then(|v| v.get(namespace).copied());
-        if fresh.is_some_and(|at| at.elapsed() < VERIFIED_TTL) {
-            return Ok(());
-        }
-        let result = self.check_and_fix(namespace, settings, dry_run).await;
-        if result.is_ok() && !dry_run {
-            if let Ok(mut v) = self.verified.lock() {
-                v.insert(namespace.to_owned(), std::time::Instant::now());
+        // Checked on every admission: a cached "it was there" would admit agents into a
+        // namespace whose policy was just deleted.
+        self.check_and_fix(namespace, settings, dry_run).await?;
+        if !dry_run {
+            // Only namespaces where the policy now exists are kept up: a review for a namespace
+            // that does not exist (anyone can POST to a webhook) leaves nothing behind.
+            if let Ok(mut set) = self.namespaces.lock() {
+                set.insert(namespace.to_owned());
             }
         }
-        result
+        Ok(())
+    }
+
+    /// Adds every namespace that already has agentvm's policy to the reconcile set (after a
+    /// restart, policies deleted meanwhile are then restored without waiting for an admission).
+    pub async fn seed(&self) -> Result<usize, NetworkError> {
+        let api: Api<NetworkPolicy> = Api::all(self.client.clone());
+        let params = kube::api::ListParams::default().labels(&format!("{MANAGED_BY}=agentvm"));
+        let list = tokio::time::timeout(Duration::from_secs(10), api.list(&params))
+            .await
+            .map_err(|_| NetworkError::Api {
+                namespace: "(all)".into(),
+                message: "timed out".into(),
+            })?
+            .map_err(|e| NetworkError::Api {
+                namespace: "(all)".into(),
+                message: e.to_string(),
+            })?;
+        let mut set = match self.namespaces.lock() {
+            Ok(set) => set,
+            Err(_) => return Ok(0),
+        };
+        for p in list.items {
+            if p.metadata.name.as_deref() == Some(POLICY_NAME) {
+                if let Some(ns) = p.metadata.namespace {
+                    set.insert(ns);
+                }
+            }
+        }
+        Ok(set.len())
     }
 
     async fn check_and_fix(
@@ -134,32 +153,47 @@ impl NetworkPolicies {
             .await
             .map_err(|_| err("timed out".into()))?
             .map_err(|e| err(e.to_string()))?;
-        if !dry_run {
-            if let Ok(mut set) = self.namespaces.lock() {
-                set.insert(namespace.to_owned());
-            }
-        }
-        match current {
-            Some(cur) if cur.spec == want.spec => Ok(()),
-            _ if dry_run => Ok(()),
+        let written = match current {
+            Some(cur) if cur.spec == want.spec => return Ok(()),
+            _ if dry_run => return Ok(()),
             Some(cur) => {
-                let mut replacement = want;
+                let mut replacement = want.clone();
                 replacement.metadata.resource_version = cur.metadata.resource_version;
-                api.replace(POLICY_NAME, &PostParams::default(), &replacement)
-                    .await
-                    .map(|_| {
-                        tracing::warn!(
-                            namespace,
-                            "NetworkPolicy {POLICY_NAME} was changed; restored"
-                        )
-                    })
-                    .map_err(|e| err(e.to_string()))
+                let r = api
+                    .replace(POLICY_NAME, &PostParams::default(), &replacement)
+                    .await;
+                if r.is_ok() {
+                    tracing::warn!(
+                        namespace,
+                        "NetworkPolicy {POLICY_NAME} was changed; restored"
+                    );
+                }
+                r.map(drop)
             }
-            None => api
-                .create(&PostParams::default(), &want)
-                .await
-                .map(|_| tracing::info!(namespace, "NetworkPolicy {POLICY_NAME} created"))
-                .map_err(|e| err(e.to_string())),
+            None => {
+                let r = api.create(&PostParams::default(), &want).await;
+                if r.is_ok() {
+                    tracing::info!(namespace, "NetworkPolicy {POLICY_NAME} created");
+                }
+                r.map(drop)
+            }
+        };
+        match written {
+            Ok(()) => Ok(()),
+            // Another replica wrote at the same moment: what counts is what is there now.
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let now = tokio::time::timeout(Duration::from_secs(2), api.get_opt(POLICY_NAME))
+                    .await
+                    .map_err(|_| err("timed out".into()))?
+                    .map_err(|e| err(e.to_string()))?;
+                match now {
+                    Some(p) if p.spec == want.spec => Ok(()),
+                    _ => Err(err(
+                        "changed concurrently; not the policy agentvm wants".into()
+                    )),
+                }
+            }
+            Err(e) => Err(err(e.to_string())),
         }
     }
 

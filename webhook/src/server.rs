@@ -398,6 +398,9 @@ pub enum ClusterAccess {
     Off,
     /// This cluster (tests use a stand-in API server).
     Given(crate::cluster::Cluster),
+    /// Like `Infer`, but without cluster access `serve` does not start (in a cluster, running
+    /// without it would admit agents with no deny-egress NetworkPolicy).
+    Required,
 }
 
 /// Why `serve` could not start.
@@ -412,6 +415,9 @@ pub enum StartError {
     /// Self-managed certificates could not be made.
     #[error("{0}")]
     Certificates(#[from] crate::certs::CertError),
+    /// `--cluster required` and no cluster access.
+    #[error("{0}")]
+    Cluster(crate::cluster::ClusterError),
     /// Self-managed certificates need cluster access.
     #[error("--certificates self-managed needs cluster access")]
     NoCluster,
@@ -465,10 +471,15 @@ pub async fn start(
     let cluster = match config.cluster.clone() {
         ClusterAccess::Off => None,
         ClusterAccess::Given(c) => Some(c),
+        ClusterAccess::Required => Some(
+            crate::cluster::Cluster::infer()
+                .await
+                .map_err(StartError::Cluster)?,
+        ),
         ClusterAccess::Infer => match crate::cluster::Cluster::infer().await {
             Ok(c) => Some(c),
             Err(e) => {
-                tracing::warn!(error = %e, "running without cluster access: CONNECT reviews cannot look up their pod");
+                tracing::warn!(error = %e, "running without cluster access: CONNECT reviews cannot look up their pod, and the deny-egress NetworkPolicy is not ensured (use --cluster required in a cluster)");
                 None
             }
         },
@@ -477,6 +488,12 @@ pub async fn start(
         .as_ref()
         .map(|c| crate::network::NetworkPolicies::new(c.client()));
     if let Some(network) = &network {
+        match network.seed().await {
+            Ok(n) => tracing::info!(namespaces = n, "deny-egress NetworkPolicies to keep"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list existing deny-egress NetworkPolicies")
+            }
+        }
         let p = policies.clone();
         network.spawn_reconciler(move || p.get(), std::time::Duration::from_secs(60));
     }

@@ -529,6 +529,15 @@ async fn agents_are_admitted_only_where_egress_is_denied() {
     );
     assert_eq!(created["spec"]["policyTypes"], json!(["Egress"]));
 
+    // Deleted behind agentvm's back: the next admission checks again and puts it back.
+    store.0.lock().unwrap().remove(&ns);
+    let (_, body) = post(&mut s, "/mutate", review.to_string().into_bytes()).await;
+    assert_eq!(body["response"]["allowed"], true, "{body}");
+    assert!(
+        store.0.lock().unwrap().contains_key(&ns),
+        "re-created at the next admission"
+    );
+
     let mut locked = review.clone();
     locked["request"]["namespace"] = json!("locked");
     locked["request"]["object"]["metadata"]["namespace"] = json!("locked");

@@ -79,7 +79,7 @@ agentvm_settings:
   debug:
     allow_ephemeral_containers: {{ .Values.settings.allowEphemeralContainers }}
     connect_allowed_groups: {{ toJson .Values.webhook.connectAllowedGroups }}
-    connect_unknown_pod: deny
+    connect_unknown_pod: {{ .Values.webhook.connectUnknownPod }}
 {{- end -}}
 
 {{/* Fields shared by every webhook entry. */}}
