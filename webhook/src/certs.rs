@@ -54,6 +54,30 @@ pub struct CertConfig {
     pub key_path: PathBuf,
 }
 
+/// Checks the DNS names of the serving certificate: at least one, each a DNS name of lowercase
+/// letters, digits, `-` and `.` (no empty labels, no wildcard).
+pub fn check_names(names: &[String]) -> Result<(), String> {
+    if names.is_empty() {
+        return Err("--cert-dns-names needs at least one name".into());
+    }
+    for n in names {
+        let ok = n.len() <= 253
+            && n.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if !ok {
+            return Err(format!("--cert-dns-names: {n:?} is not a DNS name"));
+        }
+    }
+    Ok(())
+}
+
 /// Why the certificates could not be kept.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -156,6 +180,62 @@ fn issue(
     Ok((cert.pem(), key.serialize_pem(), not_after.unix_timestamp()))
 }
 
+/// Whether stored material can be used as it is: both keys parse, the CA key is the CA
+/// certificate's, the serving key is the serving certificate's, and the serving certificate
+/// verifies against the bundle for the first name at `now`. A Secret corrupted by hand or
+/// written by another tool fails this and is replaced, instead of stopping the webhook.
+pub fn usable(m: &Material, now: OffsetDateTime) -> bool {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+    let check = || -> Option<()> {
+        let provider = agentvm_common::tls::provider();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(m.bundle().as_bytes()) {
+            roots.add(c.ok()?).ok()?;
+        }
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .build()
+        .ok()?;
+        let unix = |t: i64| {
+            Some(UnixTime::since_unix_epoch(Duration::from_secs(
+                u64::try_from(t).ok()?,
+            )))
+        };
+        let verify = |pem: &str, name: &str, at: UnixTime| -> Option<()> {
+            let cert = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+            let name = ServerName::try_from(name.to_owned()).ok()?;
+            verifier
+                .verify_server_cert(&cert, &[], &name, &[], at)
+                .ok()
+                .map(drop)
+        };
+        // The serving certificate and its key (checked within its lifetime: one that merely
+        // expired is renewed by `plan`, under the same CA).
+        let cert_time = now.unix_timestamp().min(m.cert_not_after - 60);
+        verify(&m.cert, m.dns_names.first()?, unix(cert_time)?)?;
+        let key = provider
+            .key_provider
+            .load_private_key(PrivateKeyDer::from_pem_slice(m.key.as_bytes()).ok()?)
+            .ok()?;
+        let chain = vec![CertificateDer::from_pem_slice(m.cert.as_bytes()).ok()?];
+        rustls::sign::CertifiedKey::new(chain, key)
+            .keys_match()
+            .ok()?;
+        // The CA key: a certificate it signs must verify against the CA.
+        let probe = issue(&m.ca_key, &["probe.agentvm.invalid".to_owned()], now).ok()?;
+        verify(
+            &probe.0,
+            "probe.agentvm.invalid",
+            unix(now.unix_timestamp())?,
+        )
+    };
+    check().is_some()
+}
+
 /// What the Secret should hold at `now`, given what it holds: nothing changes while everything
 /// is valid long enough; a serving certificate near its end (or for other names) is renewed; a
 /// CA near its end is replaced, the old one kept in the bundle.
@@ -165,6 +245,13 @@ pub fn plan(
     now: OffsetDateTime,
 ) -> Result<Option<Material>, rcgen::Error> {
     let t = now.unix_timestamp();
+    let current = current.filter(|m| {
+        let ok = usable(m, now);
+        if !ok {
+            tracing::warn!("the certificate Secret holds unusable certificates; making new ones");
+        }
+        ok
+    });
     let Some(cur) = current else {
         let (ca_cert, ca_key, ca_not_after) = new_ca(now)?;
         let (cert, key, cert_not_after) = issue(&ca_key, names, now)?;
@@ -364,14 +451,15 @@ pub async fn reconcile(
     Ok(material)
 }
 
-/// Writes the CA bundle into every entry of one webhook configuration, if it differs (a missing
-/// configuration is not an error: the chart may not be installed yet).
+/// Writes the CA bundle into every entry of one webhook configuration, if it differs. Returns
+/// whether the configuration exists (it may not yet: the chart may still be installing). A
+/// concurrent writer (another replica) makes it read again and retry.
 async fn publish<K>(
     client: &kube::Client,
     name: &str,
     bundle: &ByteString,
     entries: impl Fn(&mut K) -> Vec<&mut WebhookClientConfig>,
-) -> Result<(), CertError>
+) -> Result<bool, CertError>
 where
     K: kube::Resource<Scope = k8s_openapi::ClusterResourceScope>
         + Clone
@@ -382,23 +470,34 @@ where
 {
     let what = K::kind(&K::DynamicType::default()).into_owned();
     let api: Api<K> = Api::all(client.clone());
-    let Some(mut config) = bounded(&format!("read the {what}"), api.get_opt(name)).await? else {
-        return Ok(());
-    };
-    let mut configs = entries(&mut config);
-    if configs.iter().all(|c| c.ca_bundle.as_ref() == Some(bundle)) {
-        return Ok(());
+    for _ in 0..5 {
+        let Some(mut config) = bounded(&format!("read the {what}"), api.get_opt(name)).await?
+        else {
+            return Ok(false);
+        };
+        let mut configs = entries(&mut config);
+        if configs.iter().all(|c| c.ca_bundle.as_ref() == Some(bundle)) {
+            return Ok(true);
+        }
+        configs
+            .iter_mut()
+            .for_each(|c| c.ca_bundle = Some(bundle.clone()));
+        drop(configs);
+        match tokio::time::timeout(
+            API_TIMEOUT,
+            api.replace(name, &PostParams::default(), &config),
+        )
+        .await
+        {
+            Ok(Ok(_)) => return Ok(true),
+            Ok(Err(kube::Error::Api(e))) if e.code == 409 => continue,
+            Ok(Err(e)) => return Err(api_err(&format!("write the {what}"))(e.to_string())),
+            Err(_) => return Err(api_err(&format!("write the {what}"))("timed out".into())),
+        }
     }
-    configs
-        .iter_mut()
-        .for_each(|c| c.ca_bundle = Some(bundle.clone()));
-    drop(configs);
-    bounded(
-        &format!("write the {what}"),
-        api.replace(name, &PostParams::default(), &config),
-    )
-    .await?;
-    Ok(())
+    Err(api_err(&format!("write the {what}"))(
+        "kept conflicting with other writers".into(),
+    ))
 }
 
 fn write_if_changed(path: &std::path::Path, text: &str) -> Result<(), CertError> {
@@ -414,12 +513,13 @@ fn write_if_changed(path: &std::path::Path, text: &str) -> Result<(), CertError>
     std::fs::rename(&tmp, path).map_err(err)
 }
 
-/// Reconciles every hour (and retries a failed round after a minute).
+/// Reconciles every five minutes (three reads when nothing changed), so that a re-created webhook
+/// configuration gets its CA bundle soon; a failed round is retried after a minute.
 pub fn spawn(client: kube::Client, cfg: CertConfig) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let wait = match reconcile(&client, &cfg, OffsetDateTime::now_utc()).await {
-                Ok(_) => Duration::from_secs(3600),
+                Ok(_) => Duration::from_secs(300),
                 Err(e) => {
                     tracing::error!(error = %e, "certificate reconcile failed");
                     Duration::from_secs(60)
@@ -486,6 +586,55 @@ mod tests {
             (&rotated, t0 + time::Duration::days(4 * 365 + 10)),
         ] {
             verify(m, when);
+        }
+    }
+
+    #[test]
+    fn dns_names_are_checked() {
+        assert!(check_names(&names()).is_ok());
+        for bad in [
+            vec![],
+            vec!["".to_owned()],
+            vec!["a..b".to_owned()],
+            vec!["*.x".to_owned()],
+            vec!["A.b".to_owned()],
+        ] {
+            assert!(check_names(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn unusable_material_is_replaced_not_trusted() {
+        let t0 = OffsetDateTime::now_utc();
+        let good = plan(None, &names(), t0).unwrap().unwrap();
+        assert!(usable(&good, t0));
+        let other = plan(None, &names(), t0).unwrap().unwrap();
+        let broken = [
+            Material {
+                cert: "garbage".into(),
+                ..good.clone()
+            },
+            Material {
+                ca_key: "not a key".into(),
+                ..good.clone()
+            },
+            Material {
+                ca_key: other.ca_key.clone(),
+                ..good.clone()
+            },
+            Material {
+                key: other.key.clone(),
+                ..good.clone()
+            },
+            Material {
+                ca_cert: other.ca_cert.clone(),
+                ..good.clone()
+            },
+        ];
+        for (i, m) in broken.iter().enumerate() {
+            assert!(!usable(m, t0), "case {i} passed as usable");
+            let next = plan(Some(m), &names(), t0).unwrap().expect("replaced");
+            assert!(usable(&next, t0), "case {i}: the replacement is usable");
         }
     }
 

@@ -415,6 +415,9 @@ pub enum StartError {
     /// Self-managed certificates could not be made.
     #[error("{0}")]
     Certificates(#[from] crate::certs::CertError),
+    /// The serving certificate's names are not DNS names.
+    #[error("{0}")]
+    Names(String),
     /// `--cluster required` and no cluster access.
     #[error("{0}")]
     Cluster(crate::cluster::ClusterError),
@@ -534,6 +537,7 @@ pub async fn start(
         );
     }
     if let Some(certs) = &config.certificates {
+        crate::certs::check_names(&certs.dns_names).map_err(StartError::Names)?;
         let client = state
             .cluster
             .as_ref()
