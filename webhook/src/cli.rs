@@ -393,6 +393,10 @@ async fn adopt(cluster: agentvm_webhook::cluster::Cluster, args: AdoptArgs) -> E
             continue;
         }
         match existing::adopt(&client, &args.namespace, t, &patch).await {
+            Ok(()) if t.kind == "cronjob" => println!(
+                "{}/{} in {}: labelled agentvm.dev/agent=true; its next Jobs get the profile",
+                t.kind, t.name, args.namespace
+            ),
             Ok(()) => println!(
                 "{}/{} in {}: labelled agentvm.dev/agent=true, restarted",
                 t.kind, t.name, args.namespace

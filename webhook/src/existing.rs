@@ -77,63 +77,62 @@ where
 }
 
 /// Every object that carries a pod, with its kind filled in (lists do not repeat it per item).
-async fn objects(client: &kube::Client, ns: Option<&str>) -> Result<Vec<Value>, ExistingError> {
+/// A kind the caller may not list is skipped with a warning, not fatal.
+async fn objects(client: &kube::Client, ns: Option<&str>) -> Vec<Value> {
+    let lists = [
+        ("v1", "Pod", list(api::<Pod>(client, ns), "pods").await),
+        (
+            "apps/v1",
+            "Deployment",
+            list(api::<Deployment>(client, ns), "deployments").await,
+        ),
+        (
+            "apps/v1",
+            "ReplicaSet",
+            list(api::<ReplicaSet>(client, ns), "replicasets").await,
+        ),
+        (
+            "apps/v1",
+            "StatefulSet",
+            list(api::<StatefulSet>(client, ns), "statefulsets").await,
+        ),
+        (
+            "apps/v1",
+            "DaemonSet",
+            list(api::<DaemonSet>(client, ns), "daemonsets").await,
+        ),
+        (
+            "batch/v1",
+            "Job",
+            list(api::<Job>(client, ns), "jobs").await,
+        ),
+        (
+            "batch/v1",
+            "CronJob",
+            list(api::<CronJob>(client, ns), "cronjobs").await,
+        ),
+        (
+            "v1",
+            "ReplicationController",
+            list(
+                api::<ReplicationController>(client, ns),
+                "replicationcontrollers",
+            )
+            .await,
+        ),
+    ];
     let mut all = Vec::new();
-    let with_kind = |items: Vec<Value>, api_version: &str, kind: &str| {
-        items
-            .into_iter()
-            .map(|mut o| {
+    for (api_version, kind, items) in lists {
+        match items {
+            Ok(items) => all.extend(items.into_iter().map(|mut o| {
                 o["apiVersion"] = json!(api_version);
                 o["kind"] = json!(kind);
                 o
-            })
-            .collect::<Vec<_>>()
-    };
-    all.extend(with_kind(
-        list(api::<Pod>(client, ns), "pods").await?,
-        "v1",
-        "Pod",
-    ));
-    all.extend(with_kind(
-        list(api::<Deployment>(client, ns), "deployments").await?,
-        "apps/v1",
-        "Deployment",
-    ));
-    all.extend(with_kind(
-        list(api::<ReplicaSet>(client, ns), "replicasets").await?,
-        "apps/v1",
-        "ReplicaSet",
-    ));
-    all.extend(with_kind(
-        list(api::<StatefulSet>(client, ns), "statefulsets").await?,
-        "apps/v1",
-        "StatefulSet",
-    ));
-    all.extend(with_kind(
-        list(api::<DaemonSet>(client, ns), "daemonsets").await?,
-        "apps/v1",
-        "DaemonSet",
-    ));
-    all.extend(with_kind(
-        list(api::<Job>(client, ns), "jobs").await?,
-        "batch/v1",
-        "Job",
-    ));
-    all.extend(with_kind(
-        list(api::<CronJob>(client, ns), "cronjobs").await?,
-        "batch/v1",
-        "CronJob",
-    ));
-    all.extend(with_kind(
-        list(
-            api::<ReplicationController>(client, ns),
-            "replicationcontrollers",
-        )
-        .await?,
-        "v1",
-        "ReplicationController",
-    ));
-    Ok(all)
+            })),
+            Err(e) => tracing::warn!(error = %e, "skipped"),
+        }
+    }
+    all
 }
 
 /// Checks every agent (by label, or by its namespace's `agentvm.dev/enforce`) in `namespace`,
@@ -144,22 +143,30 @@ pub async fn audit(
     reviewer: &Reviewer,
     namespace: Option<&str>,
 ) -> Result<Vec<Finding>, ExistingError> {
-    let namespaces: BTreeMap<String, Map<String, Value>> =
-        list(Api::<Namespace>::all(client.clone()), "namespaces")
-            .await?
-            .into_iter()
-            .filter_map(|n| {
-                let name = n.pointer("/metadata/name")?.as_str()?.to_owned();
-                let labels = n
-                    .pointer("/metadata/labels")
-                    .and_then(Value::as_object)
-                    .cloned()
-                    .unwrap_or_default();
-                Some((name, labels))
-            })
-            .collect();
+    // Namespace labels (for agentvm.dev/enforce) need a cluster-wide list; without the right
+    // to it, agents labelled as such are still audited.
+    let listed = match list(Api::<Namespace>::all(client.clone()), "namespaces").await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "namespace labels unavailable: agentvm.dev/enforce is not taken into account");
+            Vec::new()
+        }
+    };
+    let namespaces: BTreeMap<String, Map<String, Value>> = listed
+        .into_iter()
+        .filter_map(|n| {
+            let name = n.pointer("/metadata/name")?.as_str()?.to_owned();
+            let labels = n
+                .pointer("/metadata/labels")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            Some((name, labels))
+        })
+        .collect();
+    let excluded = reviewer.policies();
     let mut findings = Vec::new();
-    for (index, object) in objects(client, namespace).await?.into_iter().enumerate() {
+    for (index, object) in objects(client, namespace).await.into_iter().enumerate() {
         let Some(kind) = WorkloadKind::of_object(&object) else {
             continue;
         };
@@ -174,9 +181,33 @@ pub async fn audit(
             .and_then(|l| l.get(ENFORCE_LABEL))
             .and_then(Value::as_str)
             == Some("true");
-        if !(workload::is_agent(&object, kind) || enforced)
-            || workload::made_by_controller(&object, kind)
-        {
+        if excluded.settings().is_excluded(&ns) || workload::made_by_controller(&object, kind) {
+            continue;
+        }
+        let labelled_workload = kind != WorkloadKind::Pod
+            && object
+                .pointer("/metadata/labels")
+                .and_then(|l| l.get(AGENT_LABEL))
+                .and_then(Value::as_str)
+                == Some("true");
+        if !(workload::is_agent(&object, kind) || enforced) {
+            if labelled_workload {
+                // README step one without step two: the webhook locks down templates and pods
+                // that carry the label, so these pods run without the profile.
+                let name = object
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
+                findings.push(Finding {
+                    kind: kind.name().into(),
+                    namespace: ns,
+                    name,
+                    profile: None,
+                    compliant: false,
+                    reasons: vec![format!("the workload is labelled {AGENT_LABEL} but its pod template is not: its pods are not agents (run agentvm adopt)")],
+                });
+            }
             continue;
         }
         let name = object
@@ -264,17 +295,34 @@ impl std::str::FromStr for Target {
         let (kind, name) = s
             .split_once('/')
             .ok_or_else(|| ExistingError::Target(format!("{s:?} is not KIND/NAME")))?;
-        let kind = match kind.to_lowercase().trim_end_matches('s') {
-            "deployment" | "deploy" => "deployment",
-            "statefulset" | "sts" => "statefulset",
-            "daemonset" | "d" => "daemonset",
-            "cronjob" | "cj" => "cronjob",
+        // The forms kubectl takes: singular, plural, short name, and KIND.GROUP.
+        let kind = match kind.to_lowercase().as_str() {
+            "deployment" | "deployments" | "deploy" | "deployment.apps" | "deployments.apps" => {
+                "deployment"
+            }
+            "statefulset" | "statefulsets" | "sts" | "statefulset.apps" | "statefulsets.apps" => {
+                "statefulset"
+            }
+            "daemonset" | "daemonsets" | "ds" | "daemonset.apps" | "daemonsets.apps" => "daemonset",
+            "cronjob" | "cronjobs" | "cj" | "cronjob.batch" | "cronjobs.batch" => "cronjob",
             other => {
                 return Err(ExistingError::Target(format!(
-                    "{other}: adopt takes deployment, statefulset, daemonset or cronjob (pods and jobs cannot be restarted: recreate them with the label)"
+                    "{other}: adopt takes deployment, statefulset, daemonset or cronjob (pods and \
+                     jobs cannot be restarted: recreate them with the label)"
                 )))
             }
         };
+        let valid_name = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+            && !name.starts_with(['-', '.']);
+        if !valid_name {
+            return Err(ExistingError::Target(format!(
+                "{name:?} is not an object name"
+            )));
+        }
         Ok(Self {
             kind: kind.into(),
             name: name.into(),

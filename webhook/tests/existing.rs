@@ -146,6 +146,13 @@ fn cluster() -> (Store, Vec<Value>) {
     store.put(deployment("raw-agent", "team-a", true));
     store.put(locked_down(deployment("good-agent", "team-a", true)));
     store.put(deployment("web", "team-a", false));
+    // Labelled on the workload only (README step one without step two).
+    let mut half = deployment("half", "team-a", false);
+    half["metadata"]["labels"]["agentvm.dev/agent"] = json!("true");
+    store.put(half);
+    // An excluded namespace is not audited.
+    store.put(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "system", "namespace": "kube-system",
+        "labels": {"agentvm.dev/agent": "true"}}, "spec": {"containers": [{"name": "a", "image": "i"}]}}));
     let mut rs = locked_down(deployment("good-agent", "team-a", true));
     rs["kind"] = json!("ReplicaSet");
     rs["metadata"]["name"] = json!("good-agent-5d4f");
@@ -208,9 +215,14 @@ async fn audit_lists_agents_and_says_which_miss_their_profile() {
     };
     assert_eq!(
         findings.len(),
-        3,
-        "web is no agent, the ReplicaSet belongs to its Deployment: {findings:?}"
+        4,
+        "web is no agent, the ReplicaSet belongs to its Deployment, kube-system is excluded: \
+         {findings:?}"
     );
+    assert!(by_name("half")["reasons"][0]
+        .as_str()
+        .unwrap()
+        .contains("pod template is not"));
     assert_eq!(by_name("good-agent")["compliant"], true);
     assert_eq!(by_name("good-agent")["profile"], "no-exec");
     let raw = by_name("raw-agent");
@@ -236,7 +248,7 @@ async fn audit_lists_agents_and_says_which_miss_their_profile() {
         table.contains("raw-agent") && !table.contains("copy"),
         "{table}"
     );
-    assert!(table.contains("2 agents, 1 not compliant"), "{table}");
+    assert!(table.contains("3 agents, 2 not compliant"), "{table}");
     std::fs::remove_file(config).unwrap();
 }
 
@@ -306,5 +318,29 @@ async fn adopt_labels_and_restarts_and_dry_run_changes_nothing() {
     let out = agentvm(vec!["adopt".into(), "pod/copy".into()], config.clone()).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("recreate"));
+    for bad in [
+        "deployment/web/status",
+        "deployment/../x",
+        "deploymentsss/web",
+    ] {
+        let out = agentvm(
+            vec!["adopt".into(), bad.into(), "--dry-run".into()],
+            config.clone(),
+        )
+        .await;
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+    }
+    for alias in ["sts/web", "deploy/web", "deployment.apps/web", "cj/web"] {
+        let out = agentvm(
+            vec!["adopt".into(), alias.into(), "--dry-run".into()],
+            config.clone(),
+        )
+        .await;
+        assert!(
+            out.status.success(),
+            "{alias}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     std::fs::remove_file(config).unwrap();
 }
