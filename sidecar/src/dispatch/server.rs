@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -18,10 +18,9 @@ use tracing::{field, Instrument};
 use super::job::{PlanError, Template};
 use super::jobs::{ApiError, JobEnd, Jobs, Terminated};
 use crate::exec::command::ExecRequest;
-use crate::exec::server::{read_body, ExecError, ExecResponse};
-
-/// Seconds a client is told to wait when every slot is taken.
-const RETRY_AFTER_SECS: &str = "1";
+use crate::exec::server::{
+    error_response, read_body, record_answer, record_failure, ExecError, ExecResponse,
+};
 
 /// Container termination reasons that mean the program never ran.
 const START_FAILURES: [&str; 2] = ["StartError", "ContainerCannotRun"];
@@ -180,17 +179,7 @@ impl DispatchError {
 
 impl IntoResponse for DispatchError {
     fn into_response(self) -> Response {
-        let status = self.status();
-        let body = json!({"error": self.to_string()}).to_string();
-        let mut response =
-            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                header::HeaderValue::from_static(RETRY_AFTER_SECS),
-            );
-        }
-        response
+        error_response(self.status(), &self)
     }
 }
 
@@ -205,8 +194,10 @@ async fn exec(State(state): State<Arc<DispatchState>>, body: Body) -> Response {
         status = field::Empty,
         outcome = field::Empty,
         exit_code = field::Empty,
+        signal = field::Empty,
         timed_out = field::Empty,
         stdout_bytes = field::Empty,
+        stderr_bytes = field::Empty,
         duration_ms = field::Empty,
         reason = field::Empty,
     );
@@ -214,27 +205,15 @@ async fn exec(State(state): State<Arc<DispatchState>>, body: Body) -> Response {
         let span = tracing::Span::current();
         let response = match handle(&state, id, &span, body).await {
             Ok(r) => {
-                span.record("outcome", "ran");
-                span.record("exit_code", r.exit_code.map(i64::from));
-                span.record("timed_out", r.timed_out);
-                span.record("stdout_bytes", r.stdout.len());
-                span.record("duration_ms", r.duration_ms);
+                record_answer(&span, &r);
                 (StatusCode::OK, axum::Json(r)).into_response()
             }
             Err(e) => {
-                span.record("outcome", e.label());
-                match &e {
-                    // The parser's message may quote the request: only say where it failed.
-                    DispatchError::Json(j) => span.record(
-                        "reason",
-                        field::display(format_args!(
-                            "invalid request at line {} column {}",
-                            j.line(),
-                            j.column()
-                        )),
-                    ),
-                    other => span.record("reason", field::display(other)),
+                let json = match &e {
+                    DispatchError::Json(j) => Some(j),
+                    _ => None,
                 };
+                record_failure(&span, e.label(), json, &e);
                 e.into_response()
             }
         };

@@ -166,18 +166,55 @@ impl ExecError {
 
 impl IntoResponse for ExecError {
     fn into_response(self) -> Response {
-        let status = self.status();
-        let body = json!({"error": self.to_string()}).to_string();
-        let mut response =
-            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                header::HeaderValue::from_static(RETRY_AFTER_SECS),
-            );
-        }
-        response
+        error_response(self.status(), &self)
     }
+}
+
+/// The JSON error answer of the exec API (`{"error": ...}`), with `Retry-After` on 429. Shared
+/// by the exec server and the dispatcher, which speak the same API.
+pub(crate) fn error_response(status: StatusCode, error: &dyn std::fmt::Display) -> Response {
+    let body = json!({"error": error.to_string()}).to_string();
+    let mut response = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
+    }
+    response
+}
+
+/// Records an answer of the exec API in the request's span.
+pub(crate) fn record_answer(span: &tracing::Span, r: &ExecResponse) {
+    span.record("outcome", "ran");
+    span.record("exit_code", r.exit_code.map(i64::from));
+    span.record("signal", r.signal.map(i64::from));
+    span.record("timed_out", r.timed_out);
+    span.record("stdout_bytes", r.stdout.len());
+    span.record("stderr_bytes", r.stderr.len());
+    span.record("duration_ms", r.duration_ms);
+}
+
+/// Records why a request failed. A JSON parser's message may quote the request (arguments,
+/// stdin): for those only the position is kept.
+pub(crate) fn record_failure(
+    span: &tracing::Span,
+    label: &'static str,
+    json: Option<&serde_json::Error>,
+    error: &dyn std::fmt::Display,
+) {
+    span.record("outcome", label);
+    match json {
+        Some(j) => span.record(
+            "reason",
+            field::display(format_args!(
+                "invalid request at line {} column {}",
+                j.line(),
+                j.column()
+            )),
+        ),
+        None => span.record("reason", field::display(error)),
+    };
 }
 
 async fn exec(State(state): State<Arc<ExecState>>, body: Body) -> Response {
@@ -201,30 +238,15 @@ async fn exec(State(state): State<Arc<ExecState>>, body: Body) -> Response {
         let span = tracing::Span::current();
         let response = match handle(&state, &span, body).await {
             Ok(r) => {
-                span.record("outcome", "ran");
-                span.record("exit_code", r.exit_code.map(i64::from));
-                span.record("signal", r.signal.map(i64::from));
-                span.record("timed_out", r.timed_out);
-                span.record("stdout_bytes", r.stdout.len());
-                span.record("stderr_bytes", r.stderr.len());
-                span.record("duration_ms", r.duration_ms);
+                record_answer(&span, &r);
                 (StatusCode::OK, axum::Json(r)).into_response()
             }
             Err(e) => {
-                span.record("outcome", e.label());
-                match &e {
-                    // The parser's message may quote the request (arguments, stdin): only say
-                    // where it failed.
-                    ExecError::Json(j) => span.record(
-                        "reason",
-                        field::display(format_args!(
-                            "invalid request at line {} column {}",
-                            j.line(),
-                            j.column()
-                        )),
-                    ),
-                    other => span.record("reason", field::display(other)),
+                let json = match &e {
+                    ExecError::Json(j) => Some(j),
+                    _ => None,
                 };
+                record_failure(&span, e.label(), json, &e);
                 e.into_response()
             }
         };
