@@ -118,36 +118,9 @@ struct ExecArgs {
     /// Workspace root: commands start here and cannot ask for a directory outside it.
     #[arg(long, env = "AGENTVM_WORKSPACE", default_value = "/workspace")]
     workspace: PathBuf,
-    /// Cap on each of stdout and stderr, in bytes; the rest is dropped and flagged.
-    #[arg(
-        long,
-        env = "AGENTVM_EXEC_MAX_OUTPUT_BYTES",
-        default_value_t = server::DEFAULT_MAX_OUTPUT_BYTES,
-    )]
-    max_output_bytes: usize,
-    /// Time limit of a command that sets none, in milliseconds.
-    #[arg(
-        long,
-        env = "AGENTVM_EXEC_DEFAULT_TIMEOUT_MS",
-        default_value_t = 30_000
-    )]
-    default_timeout_ms: u64,
-    /// Largest time limit a request may set, in milliseconds.
-    #[arg(long, env = "AGENTVM_EXEC_MAX_TIMEOUT_MS", default_value_t = 600_000)]
-    max_timeout_ms: u64,
-    /// Commands running at once; further requests get HTTP 429.
-    #[arg(
-        long,
-        env = "AGENTVM_EXEC_MAX_CONCURRENT",
-        default_value_t = server::DEFAULT_MAX_CONCURRENT,
-    )]
-    max_concurrent: usize,
-    /// Largest request body, in bytes; larger ones get HTTP 413.
-    #[arg(long, env = "AGENTVM_MAX_BODY_BYTES", default_value_t = server::DEFAULT_MAX_BODY_BYTES)]
-    max_body_bytes: usize,
-    /// PATH of commands.
-    #[arg(long, env = "AGENTVM_EXEC_PATH", default_value = DEFAULT_PATH)]
-    path: String,
+    /// Limits of the exec API.
+    #[command(flatten)]
+    limits: ExecLimits,
     /// TMPDIR of commands.
     #[arg(long, env = "AGENTVM_EXEC_TMPDIR", default_value = "/tmp")]
     tmpdir: String,
@@ -189,36 +162,9 @@ struct DispatchArgs {
     /// Working directory of commands, an empty scratch volume in the Job's pod.
     #[arg(long, env = "AGENTVM_DISPATCH_WORKDIR", default_value = "/workspace")]
     workdir: String,
-    /// Cap on the output, in bytes; the rest is dropped and flagged.
-    #[arg(
-        long,
-        env = "AGENTVM_EXEC_MAX_OUTPUT_BYTES",
-        default_value_t = server::DEFAULT_MAX_OUTPUT_BYTES,
-    )]
-    max_output_bytes: usize,
-    /// Time limit of a command that sets none, in milliseconds.
-    #[arg(
-        long,
-        env = "AGENTVM_EXEC_DEFAULT_TIMEOUT_MS",
-        default_value_t = 30_000
-    )]
-    default_timeout_ms: u64,
-    /// Largest time limit a request may set, in milliseconds.
-    #[arg(long, env = "AGENTVM_EXEC_MAX_TIMEOUT_MS", default_value_t = 600_000)]
-    max_timeout_ms: u64,
-    /// Jobs running at once; further requests get HTTP 429.
-    #[arg(
-        long,
-        env = "AGENTVM_EXEC_MAX_CONCURRENT",
-        default_value_t = server::DEFAULT_MAX_CONCURRENT,
-    )]
-    max_concurrent: usize,
-    /// Largest request body, in bytes; larger ones get HTTP 413.
-    #[arg(long, env = "AGENTVM_MAX_BODY_BYTES", default_value_t = server::DEFAULT_MAX_BODY_BYTES)]
-    max_body_bytes: usize,
-    /// PATH of commands.
-    #[arg(long, env = "AGENTVM_EXEC_PATH", default_value = DEFAULT_PATH)]
-    path: String,
+    /// Limits of the exec API.
+    #[command(flatten)]
+    limits: ExecLimits,
     /// Seconds a finished Job is kept when the dispatcher could not delete it.
     #[arg(long, env = "AGENTVM_DISPATCH_TTL_SECONDS", default_value_t = 300)]
     ttl_seconds: i32,
@@ -239,6 +185,54 @@ struct DispatchArgs {
     /// Log one INFO line per request.
     #[arg(long, env = "AGENTVM_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
     access_log: bool,
+}
+
+/// The limits the exec server and the dispatcher share (they serve the same API).
+#[derive(Debug, clap::Args)]
+struct ExecLimits {
+    /// Cap on the output of a command (each of stdout and stderr), in bytes; the rest is
+    /// dropped and flagged.
+    #[arg(
+        long,
+        env = "AGENTVM_EXEC_MAX_OUTPUT_BYTES",
+        default_value_t = server::DEFAULT_MAX_OUTPUT_BYTES,
+    )]
+    max_output_bytes: usize,
+    /// Time limit of a command that sets none, in milliseconds.
+    #[arg(
+        long,
+        env = "AGENTVM_EXEC_DEFAULT_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    default_timeout_ms: u64,
+    /// Largest time limit a request may set, in milliseconds.
+    #[arg(long, env = "AGENTVM_EXEC_MAX_TIMEOUT_MS", default_value_t = 600_000)]
+    max_timeout_ms: u64,
+    /// Commands running at once; further requests get HTTP 429.
+    #[arg(
+        long,
+        env = "AGENTVM_EXEC_MAX_CONCURRENT",
+        default_value_t = server::DEFAULT_MAX_CONCURRENT,
+    )]
+    max_concurrent: usize,
+    /// Largest request body, in bytes; larger ones get HTTP 413.
+    #[arg(long, env = "AGENTVM_MAX_BODY_BYTES", default_value_t = server::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// PATH of commands.
+    #[arg(long, env = "AGENTVM_EXEC_PATH", default_value = DEFAULT_PATH)]
+    path: String,
+}
+
+impl ExecLimits {
+    fn check(&self) -> Result<(), String> {
+        if self.max_concurrent == 0 {
+            return Err("--max-concurrent must be at least 1".into());
+        }
+        if self.default_timeout_ms == 0 || self.default_timeout_ms > self.max_timeout_ms {
+            return Err("--default-timeout-ms must be between 1 and --max-timeout-ms".into());
+        }
+        Ok(())
+    }
 }
 
 /// Runs the chosen command.
@@ -291,22 +285,17 @@ fn exec_config(args: &ExecArgs) -> Result<ExecConfig, String> {
             workspace.display()
         ));
     }
-    if args.max_concurrent == 0 {
-        return Err("--max-concurrent must be at least 1".into());
-    }
-    if args.default_timeout_ms == 0 || args.default_timeout_ms > args.max_timeout_ms {
-        return Err("--default-timeout-ms must be between 1 and --max-timeout-ms".into());
-    }
+    args.limits.check()?;
     Ok(ExecConfig {
         policy: Policy {
-            base_env: base_env(&workspace, &args.path, &args.tmpdir, &args.pass_env),
+            base_env: base_env(&workspace, &args.limits.path, &args.tmpdir, &args.pass_env),
             workspace,
-            default_timeout: Duration::from_millis(args.default_timeout_ms),
-            max_timeout: Duration::from_millis(args.max_timeout_ms),
+            default_timeout: Duration::from_millis(args.limits.default_timeout_ms),
+            max_timeout: Duration::from_millis(args.limits.max_timeout_ms),
         },
-        max_output_bytes: args.max_output_bytes,
-        max_body_bytes: args.max_body_bytes,
-        max_concurrent: args.max_concurrent,
+        max_output_bytes: args.limits.max_output_bytes,
+        max_body_bytes: args.limits.max_body_bytes,
+        max_concurrent: args.limits.max_concurrent,
         access_log: args.access_log,
     })
 }
@@ -366,12 +355,7 @@ fn dispatch_config(args: &DispatchArgs) -> Result<DispatchConfig, String> {
     if !args.workdir.starts_with('/') || args.workdir.split('/').any(|c| c == "..") {
         return Err("--workdir must be an absolute path without ..".into());
     }
-    if args.max_concurrent == 0 {
-        return Err("--max-concurrent must be at least 1".into());
-    }
-    if args.default_timeout_ms == 0 || args.default_timeout_ms > args.max_timeout_ms {
-        return Err("--default-timeout-ms must be between 1 and --max-timeout-ms".into());
-    }
+    args.limits.check()?;
     for (flag, value) in [
         ("--cpu", &args.cpu),
         ("--memory", &args.memory),
@@ -389,7 +373,7 @@ fn dispatch_config(args: &DispatchArgs) -> Result<DispatchConfig, String> {
         return Err("--ttl-seconds must be at least 0 and --api-timeout-ms at least 1".into());
     }
     let base_env = vec![
-        ("PATH".to_owned(), args.path.clone()),
+        ("PATH".to_owned(), args.limits.path.clone()),
         ("HOME".to_owned(), args.workdir.clone()),
         ("LANG".to_owned(), "C.UTF-8".to_owned()),
         ("TMPDIR".to_owned(), "/tmp".to_owned()),
@@ -400,17 +384,17 @@ fn dispatch_config(args: &DispatchArgs) -> Result<DispatchConfig, String> {
             dispatcher: args.dispatcher_id.clone(),
             workdir: args.workdir.clone(),
             base_env,
-            default_timeout: Duration::from_millis(args.default_timeout_ms),
-            max_timeout: Duration::from_millis(args.max_timeout_ms),
+            default_timeout: Duration::from_millis(args.limits.default_timeout_ms),
+            max_timeout: Duration::from_millis(args.limits.max_timeout_ms),
             ttl_seconds: args.ttl_seconds,
             cpu: args.cpu.clone(),
             memory: args.memory.clone(),
             scratch_size: args.scratch_size.clone(),
         },
         wait_slack: Duration::from_millis(args.wait_slack_ms),
-        max_output_bytes: args.max_output_bytes,
-        max_body_bytes: args.max_body_bytes,
-        max_concurrent: args.max_concurrent,
+        max_output_bytes: args.limits.max_output_bytes,
+        max_body_bytes: args.limits.max_body_bytes,
+        max_concurrent: args.limits.max_concurrent,
         access_log: args.access_log,
     })
 }
