@@ -76,62 +76,43 @@ where
     }
 }
 
-/// Every object that carries a pod, with its kind filled in (lists do not repeat it per item).
-/// A kind the caller may not list is skipped with a warning, not fatal.
-async fn objects(client: &kube::Client, ns: Option<&str>) -> Vec<Value> {
-    let lists = [
-        ("v1", "Pod", list(api::<Pod>(client, ns), "pods").await),
-        (
-            "apps/v1",
-            "Deployment",
-            list(api::<Deployment>(client, ns), "deployments").await,
-        ),
-        (
-            "apps/v1",
-            "ReplicaSet",
-            list(api::<ReplicaSet>(client, ns), "replicasets").await,
-        ),
-        (
-            "apps/v1",
-            "StatefulSet",
-            list(api::<StatefulSet>(client, ns), "statefulsets").await,
-        ),
-        (
-            "apps/v1",
-            "DaemonSet",
-            list(api::<DaemonSet>(client, ns), "daemonsets").await,
-        ),
-        (
-            "batch/v1",
-            "Job",
-            list(api::<Job>(client, ns), "jobs").await,
-        ),
-        (
-            "batch/v1",
-            "CronJob",
-            list(api::<CronJob>(client, ns), "cronjobs").await,
-        ),
-        (
-            "v1",
-            "ReplicationController",
-            list(
-                api::<ReplicationController>(client, ns),
-                "replicationcontrollers",
-            )
-            .await,
-        ),
-    ];
-    let mut all = Vec::new();
-    for (api_version, kind, items) in lists {
-        match items {
-            Ok(items) => all.extend(items.into_iter().map(|mut o| {
+/// The objects of one namespaced kind, with `apiVersion` and `kind` filled in (lists do not
+/// repeat them per item). A kind the caller may not list is skipped with a warning.
+async fn objects_of<K>(client: &kube::Client, ns: Option<&str>) -> Vec<Value>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let (api_version, kind) = (K::api_version(&()), K::kind(&()));
+    match list(api::<K>(client, ns), &K::plural(&())).await {
+        Ok(items) => items
+            .into_iter()
+            .map(|mut o| {
                 o["apiVersion"] = json!(api_version);
                 o["kind"] = json!(kind);
                 o
-            })),
-            Err(e) => tracing::warn!(error = %e, "skipped"),
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "skipped");
+            Vec::new()
         }
     }
+}
+
+/// Every object that carries a pod.
+async fn objects(client: &kube::Client, ns: Option<&str>) -> Vec<Value> {
+    let mut all = objects_of::<Pod>(client, ns).await;
+    all.extend(objects_of::<Deployment>(client, ns).await);
+    all.extend(objects_of::<ReplicaSet>(client, ns).await);
+    all.extend(objects_of::<StatefulSet>(client, ns).await);
+    all.extend(objects_of::<DaemonSet>(client, ns).await);
+    all.extend(objects_of::<Job>(client, ns).await);
+    all.extend(objects_of::<CronJob>(client, ns).await);
+    all.extend(objects_of::<ReplicationController>(client, ns).await);
     all
 }
 
