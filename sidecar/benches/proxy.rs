@@ -156,13 +156,13 @@ fn decision_us() -> u64 {
     let mut times = Vec::new();
     for _ in 0..2000 {
         let started = Instant::now();
-        let d = policy.decide(&DecisionInput {
-            method: "tools/call",
-            upstream: "up",
-            tool: "up__echo",
-            arguments: Some(&args),
-            agent: &agent,
-        });
+        let d = policy.decide(&DecisionInput::tool(
+            "tools/call",
+            "up",
+            "up__echo",
+            Some(&args),
+            &agent,
+        ));
         times.push(started.elapsed().as_micros() as u64);
         assert!(d.allowed);
     }

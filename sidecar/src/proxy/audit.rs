@@ -1,5 +1,7 @@
-//! One audit record per tool call, as a tracing event with target `agentvm::audit` (a JSON line
-//! with `--log-format json`). Argument values never appear: only their SHA-256.
+//! One audit record per request that reaches (or is refused before) an upstream: tool calls,
+//! prompts, resource reads and subscriptions, completions. A tracing event with target
+//! `agentvm::audit` (a JSON line with `--log-format json`). Argument values never appear: only
+//! their SHA-256.
 
 use std::time::Instant;
 
@@ -12,11 +14,15 @@ use super::policy::Agent;
 pub struct Record<'a> {
     /// The caller.
     pub agent: &'a Agent,
-    /// Tool name as the agent sent it.
+    /// The MCP method (`tools/call`, `prompts/get`, `resources/read`, ...).
+    pub method: &'a str,
+    /// Tool or prompt name as the agent sent it; empty for resources.
     pub tool: &'a str,
+    /// Resource URI (or the template a completion refers to); empty otherwise.
+    pub uri: &'a str,
     /// Upstream name (`agentvm` for exec), empty for a name that resolves to nothing.
     pub upstream: &'a str,
-    /// `allow`, `deny`, `error` (policy failed) or `unknown`.
+    /// `allow`, `deny`, `error` (policy failed), `unknown` or `rate_limited`.
     pub decision: &'static str,
     /// Deny messages, or the failure.
     pub reason: String,
@@ -32,18 +38,20 @@ pub struct Record<'a> {
     pub is_error: Option<bool>,
 }
 
-impl Record<'_> {
+impl<'a> Record<'a> {
     /// Writes the record.
     pub fn emit(&self) {
         tracing::info!(
             target: "agentvm::audit",
             decision = self.decision,
+            method = self.method,
             agent.pod = %self.agent.pod,
             agent.namespace = %self.agent.namespace,
             agent.service_account = %self.agent.service_account,
             agent.profile = %self.agent.profile,
             upstream = self.upstream,
             tool = self.tool,
+            uri = self.uri,
             reason = %self.reason,
             latency_us = self.started.elapsed().as_micros() as u64,
             upstream_us = self.upstream_us,
@@ -52,6 +60,24 @@ impl Record<'_> {
             is_error = self.is_error,
             "tool call"
         );
+    }
+
+    /// A record for `method` on `tool` (or `uri`), not yet decided.
+    pub fn new(agent: &'a Agent, method: &'a str, args_digest: &'a str, started: Instant) -> Self {
+        Self {
+            agent,
+            method,
+            tool: "",
+            uri: "",
+            upstream: "",
+            decision: "unknown",
+            reason: String::new(),
+            args_digest,
+            started,
+            upstream_us: 0,
+            result_bytes: 0,
+            is_error: None,
+        }
     }
 }
 

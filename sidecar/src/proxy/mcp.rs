@@ -1,6 +1,7 @@
 //! The MCP methods the proxy answers, on parsed JSON-RPC messages. Anything that reaches an
 //! upstream passes policy first; methods the proxy does not know are refused, so there is no
-//! way around the tool policy.
+//! way around the tool policy. Tools live here; prompts, resources, completions and logging in
+//! [`super::features`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,11 +11,25 @@ use serde_json::{json, Value};
 use super::audit;
 use super::config::{BUILTIN_UPSTREAM, TOOL_SEPARATOR};
 use super::exec_tool::{self, EXEC_TOOL};
+use super::features;
 use super::policy::DecisionInput;
 use super::state::{ProxyState, Routes};
+use super::upstream::Kind;
 
-/// Protocol revisions the proxy speaks, newest first.
+/// Handshake-era revisions the proxy speaks (`initialize`, sessions), newest first.
 pub const PROTOCOL_VERSIONS: [&str; 3] = ["2025-11-25", "2025-06-18", "2025-03-26"];
+
+/// Stateless revisions the proxy speaks (per-request `_meta`, no sessions), newest first.
+pub const MODERN_VERSIONS: [&str; 1] = ["2026-07-28"];
+
+/// Which generation of the protocol a request speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Era {
+    /// `initialize` and sessions: 2025-11-25 and earlier.
+    Legacy,
+    /// Every request carries its revision: 2026-07-28.
+    Modern,
+}
 
 /// JSON-RPC error codes.
 pub mod code {
@@ -24,10 +39,16 @@ pub mod code {
     pub const INVALID_REQUEST: i64 = -32600;
     /// The method is not offered.
     pub const METHOD_NOT_FOUND: i64 = -32601;
-    /// Bad parameters, and unknown or denied tools.
+    /// Bad parameters, and unknown or denied prompts (and resources, from 2026-07-28 on).
     pub const INVALID_PARAMS: i64 = -32602;
     /// An upstream or backend failed.
     pub const INTERNAL_ERROR: i64 = -32603;
+    /// Unknown or denied resource, up to 2025-11-25.
+    pub const RESOURCE_NOT_FOUND: i64 = -32002;
+    /// HTTP headers disagree with the body, or a required one is missing (2026-07-28).
+    pub const HEADER_MISMATCH: i64 = -32020;
+    /// The requested revision is not spoken here (2026-07-28).
+    pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
 }
 
 /// A JSON-RPC error answer.
@@ -35,8 +56,28 @@ pub fn error(id: &Value, code: i64, message: &str) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
 }
 
-fn result(id: &Value, result: Value) -> Value {
+/// A JSON-RPC result answer.
+pub fn result(id: &Value, result: Value) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "result": result})
+}
+
+/// What the proxy offers, in `initialize` and `server/discover`. Resource subscriptions are
+/// forwarded but their updates are not relayed, so `subscribe` is not claimed.
+fn capabilities() -> Value {
+    json!({
+        "tools": {"listChanged": false},
+        "prompts": {"listChanged": false},
+        "resources": {"subscribe": false, "listChanged": false},
+        "completions": {},
+        "logging": {},
+    })
+}
+
+const INSTRUCTIONS: &str = "Tools and prompts are named <upstream>__<name>; exec runs commands in \
+    the workspace.";
+
+fn server_info() -> Value {
+    json!({"name": "agentvm-proxy", "version": env!("CARGO_PKG_VERSION")})
 }
 
 /// The answer to `initialize`: the client's revision when the proxy speaks it, else the
@@ -50,9 +91,27 @@ pub fn initialize(id: &Value, params: &Value) -> Value {
         id,
         json!({
             "protocolVersion": version,
-            "capabilities": {"tools": {"listChanged": false}},
-            "serverInfo": {"name": "agentvm-proxy", "version": env!("CARGO_PKG_VERSION")},
-            "instructions": "Tools are named <upstream>__<tool>; exec runs commands in the workspace.",
+            "capabilities": capabilities(),
+            "serverInfo": server_info(),
+            "instructions": INSTRUCTIONS,
+        }),
+    )
+}
+
+/// The answer to `server/discover` (2026-07-28).
+fn discover(id: &Value) -> Value {
+    let supported: Vec<&str> = MODERN_VERSIONS
+        .iter()
+        .chain(&PROTOCOL_VERSIONS)
+        .copied()
+        .collect();
+    result(
+        id,
+        json!({
+            "supportedVersions": supported,
+            "capabilities": capabilities(),
+            "serverInfo": server_info(),
+            "instructions": INSTRUCTIONS,
         }),
     )
 }
@@ -78,13 +137,36 @@ impl From<Value> for Answer {
 /// JSON-RPC error code of a call refused by a rate limit.
 pub const RATE_LIMITED: i64 = -32000;
 
-/// Answers one request (a message with an id).
-pub async fn request(state: &Arc<ProxyState>, id: &Value, method: &str, params: &Value) -> Answer {
-    match method {
-        "initialize" => initialize(id, params).into(),
-        "ping" => result(id, json!({})).into(),
-        "tools/list" => result(id, json!({"tools": list_tools(state).await})).into(),
-        "tools/call" => call_tool(state, id, params).await,
+/// Answers one request (a message with an id). `initialize` is the HTTP layer's, which opens
+/// the session. `ping`, `logging/setLevel` and resource subscriptions are gone from 2026-07-28
+/// on, and so unknown methods there.
+pub async fn request(
+    state: &Arc<ProxyState>,
+    id: &Value,
+    method: &str,
+    params: &Value,
+    era: Era,
+) -> Answer {
+    match (method, era) {
+        ("ping", Era::Legacy) => result(id, json!({})).into(),
+        ("server/discover", Era::Modern) => discover(id).into(),
+        ("tools/list", _) => result(id, json!({"tools": list_tools(state).await})).into(),
+        ("tools/call", _) => call_tool(state, id, params, era).await,
+        ("prompts/list", _) => features::list_prompts(state, id).await.into(),
+        ("prompts/get", _) => features::get_prompt(state, id, params).await.into(),
+        ("resources/list", _) => features::list_resources(state, id, Kind::Resources)
+            .await
+            .into(),
+        ("resources/templates/list", _) => features::list_resources(state, id, Kind::Templates)
+            .await
+            .into(),
+        ("resources/read", _) | ("resources/subscribe" | "resources/unsubscribe", Era::Legacy) => {
+            features::resource(state, id, method, params, era)
+                .await
+                .into()
+        }
+        ("completion/complete", _) => features::complete(state, id, params).await.into(),
+        ("logging/setLevel", Era::Legacy) => features::set_level(state, id, params).await.into(),
         _ => error(
             id,
             code::METHOD_NOT_FOUND,
@@ -141,13 +223,13 @@ async fn list_tools(state: &Arc<ProxyState>) -> Vec<Value> {
         let Some(name) = def.get("name").and_then(Value::as_str) else {
             return;
         };
-        let decision = policy.decide(&DecisionInput {
-            method: "tools/list",
+        let decision = policy.decide(&DecisionInput::tool(
+            "tools/list",
             upstream,
-            tool: name,
-            arguments: None,
-            agent: &state.agent,
-        });
+            name,
+            None,
+            &state.agent,
+        ));
         if decision.allowed {
             tools.push(def);
         }
@@ -160,7 +242,7 @@ async fn list_tools(state: &Arc<ProxyState>) -> Vec<Value> {
         let state = state.clone();
         let u = u.clone();
         tokio::spawn(async move {
-            let listed = u.list_tools(&state.client, state.limits).await;
+            let listed = u.list(&state.client, state.limits, Kind::Tools).await;
             (u.config.name.clone(), listed)
         })
     });
@@ -188,7 +270,7 @@ async fn list_tools(state: &Arc<ProxyState>) -> Vec<Value> {
     tools
 }
 
-async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Answer {
+async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value, era: Era) -> Answer {
     let started = Instant::now();
     let Some(name) = params.get("name").and_then(Value::as_str) else {
         return error(id, code::INVALID_PARAMS, "tools/call needs params.name").into();
@@ -196,11 +278,12 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Answe
     let empty = json!({});
     let arguments = params.get("arguments").unwrap_or(&empty);
     let digest = audit::digest(arguments);
-    let unknown =
-        || -> Answer { error(id, code::INVALID_PARAMS, &format!("Unknown tool: {name}")).into() };
+    let unknown = || -> Answer { unknown_tool(id, name, era).into() };
     let mut record = audit::Record {
         agent: &state.agent,
+        method: "tools/call",
         tool: name,
+        uri: "",
         upstream: "",
         decision: "unknown",
         reason: String::new(),
@@ -218,13 +301,13 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Answe
     };
     let upstream = upstream_name(&routes, &target);
     record.upstream = upstream;
-    let decision = state.policy.get().decide(&DecisionInput {
-        method: "tools/call",
+    let decision = state.policy.get().decide(&DecisionInput::tool(
+        "tools/call",
         upstream,
-        tool: name,
-        arguments: Some(arguments),
-        agent: &state.agent,
-    });
+        name,
+        Some(arguments),
+        &state.agent,
+    ));
     if !decision.allowed {
         // The agent gets the unknown-tool error; the reasons go to the audit record only.
         record.decision = if decision.error { "error" } else { "deny" };
@@ -251,7 +334,7 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Answe
             let Some(u) = routes.upstreams.get(*index) else {
                 return unknown();
             };
-            match u.has_tool(&state.client, state.limits, tool).await {
+            match u.has(&state.client, state.limits, Kind::Tools, tool).await {
                 Ok(true) => {
                     if let Some(refused) = rate_limited(state, id, name, &mut record) {
                         return refused;
@@ -294,6 +377,22 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Answe
     }
     record.emit();
     answer.into()
+}
+
+/// The answer for a tool that is denied or does not exist, the same for both so that a
+/// denied tool looks like an absent one: what an upstream of the agent's revision answers for
+/// a tool it does not have. Under 2026-07-28 that is the `-32602` protocol error its tools page
+/// prescribes; in 2025-era sessions it is a tool error result, which is what the reference SDK
+/// servers of that generation send (and what the model can read).
+pub fn unknown_tool(id: &Value, name: &str, era: Era) -> Value {
+    let message = format!("Unknown tool: {name}");
+    match era {
+        Era::Modern => error(id, code::INVALID_PARAMS, &message),
+        Era::Legacy => result(
+            id,
+            json!({"content": [{"type": "text", "text": message}], "isError": true}),
+        ),
+    }
 }
 
 /// Takes a token for `name`; the refusal to send when there is none.

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod config;
 pub mod exec_tool;
+pub mod features;
 pub mod mcp;
 pub mod policy;
 pub mod ratelimit;

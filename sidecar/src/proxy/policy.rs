@@ -38,20 +38,63 @@ pub struct Agent {
     pub profile: String,
 }
 
-/// What policy is asked.
+/// What policy is asked. Exactly one of `tool`, `prompt` and `uri` names what the request is
+/// about; `logging/setLevel` names nothing but the upstream.
 #[derive(Debug, Clone, Serialize)]
 pub struct DecisionInput<'a> {
-    /// `tools/list` or `tools/call`.
+    /// The MCP method: `tools/list`, `tools/call`, `prompts/list`, `prompts/get`,
+    /// `resources/list`, `resources/templates/list`, `resources/read`, `resources/subscribe`,
+    /// `resources/unsubscribe`, `completion/complete` or `logging/setLevel`.
     pub method: &'a str,
     /// Upstream name (`agentvm` for built-in tools).
     pub upstream: &'a str,
     /// Tool name as the agent sees it.
-    pub tool: &'a str,
-    /// Call arguments; absent when listing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<&'a str>,
+    /// Prompt name as the agent sees it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<&'a str>,
+    /// Resource URI, or URI template when listing templates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uri: Option<&'a str>,
+    /// Call, prompt or completion arguments; absent when listing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arguments: Option<&'a serde_json::Value>,
     /// The calling agent.
     pub agent: &'a Agent,
+}
+
+impl<'a> DecisionInput<'a> {
+    /// A question about tool `tool` (listing when `arguments` is `None`).
+    pub fn tool(
+        method: &'a str,
+        upstream: &'a str,
+        tool: &'a str,
+        arguments: Option<&'a serde_json::Value>,
+        agent: &'a Agent,
+    ) -> Self {
+        Self {
+            method,
+            upstream,
+            tool: Some(tool),
+            arguments,
+            agent,
+            ..Self::empty(agent)
+        }
+    }
+
+    /// A question that names only the method and the upstream.
+    pub fn empty(agent: &'a Agent) -> Self {
+        Self {
+            method: "",
+            upstream: "",
+            tool: None,
+            prompt: None,
+            uri: None,
+            arguments: None,
+            agent,
+        }
+    }
 }
 
 /// What policy said.
@@ -161,13 +204,13 @@ mod tests {
 
     fn decide(p: &ToolPolicy, upstream: &str, tool: &str, args: serde_json::Value) -> Decision {
         let agent = agent("sidecar-exec");
-        p.decide(&DecisionInput {
-            method: "tools/call",
+        p.decide(&DecisionInput::tool(
+            "tools/call",
             upstream,
             tool,
-            arguments: Some(&args),
-            agent: &agent,
-        })
+            Some(&args),
+            &agent,
+        ))
     }
 
     fn policy(text: &str) -> ToolPolicy {

@@ -1,5 +1,12 @@
 //! The proxy's HTTP face: MCP Streamable HTTP at `POST /mcp` (JSON answers), session end with
 //! `DELETE /mcp`, and `GET /healthz`.
+//!
+//! Both generations of the protocol are served on the one endpoint. A request whose `_meta`
+//! names its revision, or whose `MCP-Protocol-Version` header names 2026-07-28, is served
+//! statelessly under that revision: its mirrored headers must match the body (`-32020`
+//! otherwise), revisions the proxy does not speak get `-32022` with the list it does,
+//! unknown methods HTTP 404, results carry `resultType`, and sessions are neither minted nor
+//! checked. Anything else is the session-based revisions (2025-03-26 to 2025-11-25).
 
 use std::sync::Arc;
 
@@ -12,7 +19,7 @@ use axum::Router;
 use serde_json::Value;
 use tracing::{field, Instrument};
 
-use super::mcp::{self, code};
+use super::mcp::{self, code, Era, MODERN_VERSIONS, PROTOCOL_VERSIONS};
 use super::state::ProxyState;
 
 const SESSION_HEADER: &str = "mcp-session-id";
@@ -161,28 +168,37 @@ async fn handle_post(state: &Arc<ProxyState>, headers: &HeaderMap, body: Body) -
         );
         return json_response(StatusCode::BAD_REQUEST, &e);
     };
-    // Stateless revisions name the method (and tool) in headers too; they must match the body.
-    if let Some(h) = headers.get("mcp-method") {
-        if h.to_str().ok() != Some(method) {
-            let e = mcp::error(
-                id.as_ref().unwrap_or(&null),
-                code::INVALID_REQUEST,
-                "Mcp-Method header does not match the body",
-            );
-            return json_response(StatusCode::BAD_REQUEST, &e);
-        }
-    }
     let params = message.get("params").cloned().unwrap_or(Value::Null);
-    if let Some(h) = headers.get("mcp-name") {
-        let name = params.get("name").and_then(Value::as_str);
-        if h.to_str().ok() != name {
-            let e = mcp::error(
-                id.as_ref().unwrap_or(&null),
-                code::INVALID_REQUEST,
-                "Mcp-Name header does not match the body",
-            );
-            return json_response(StatusCode::BAD_REQUEST, &e);
+    let reply_id = id.as_ref().unwrap_or(&null);
+    let era = match check_revision(headers, method, &params) {
+        Ok(era) => era,
+        Err((status, code, message, data)) => {
+            let mut e = mcp::error(reply_id, code, &message);
+            if let Some(data) = data {
+                e["error"]["data"] = data;
+            }
+            return json_response(status, &e);
         }
+    };
+    if era == Era::Modern {
+        let Some(id) = id else {
+            return StatusCode::ACCEPTED.into_response();
+        };
+        let answer = mcp::request(state, &id, method, &params, era).await;
+        let mut answer = answer;
+        if let Some(Value::Object(result)) = answer.body.get_mut("result") {
+            result.insert("resultType".into(), Value::from("complete"));
+            if CACHEABLE.contains(&method) {
+                result.insert("ttlMs".into(), Value::from(0));
+                result.insert("cacheScope".into(), Value::from("private"));
+            }
+        }
+        let not_found =
+            answer.body.pointer("/error/code") == Some(&Value::from(code::METHOD_NOT_FOUND));
+        if not_found {
+            return json_response(StatusCode::NOT_FOUND, &answer.body);
+        }
+        return answer_response(answer);
     }
     let session = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok());
     if let Some(s) = session {
@@ -216,7 +232,10 @@ async fn handle_post(state: &Arc<ProxyState>, headers: &HeaderMap, body: Body) -
         }
         return response;
     }
-    let answer = mcp::request(state, &id, method, &params).await;
+    answer_response(mcp::request(state, &id, method, &params, Era::Legacy).await)
+}
+
+fn answer_response(answer: mcp::Answer) -> Response {
     match answer.retry_after {
         None => json_response(StatusCode::OK, &answer.body),
         Some(wait) => {
@@ -229,6 +248,157 @@ async fn handle_post(state: &Arc<ProxyState>, headers: &HeaderMap, body: Body) -
             response
         }
     }
+}
+
+/// Why a request's revision or mirrored headers are refused: HTTP status, JSON-RPC code,
+/// message, error data.
+type Refusal = (StatusCode, i64, String, Option<Value>);
+
+const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
+
+/// Results 2026-07-28 lets clients cache, given hints: private (they depend on the agent's
+/// policy) and not to be kept (policy and upstreams change without notice).
+const CACHEABLE: [&str; 5] = [
+    "tools/list",
+    "prompts/list",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+];
+
+/// The revision a request speaks, with its mirrored headers checked against the body.
+fn check_revision(headers: &HeaderMap, method: &str, params: &Value) -> Result<Era, Refusal> {
+    let mismatch = |message: String| -> Refusal {
+        (
+            StatusCode::BAD_REQUEST,
+            code::HEADER_MISMATCH,
+            message,
+            None,
+        )
+    };
+    let header = |name: &str| -> Result<Option<String>, Refusal> {
+        match headers.get(name) {
+            None => Ok(None),
+            // Optional whitespace around a field value is not part of it (RFC 9110, 5.5).
+            Some(v) => match v.to_str() {
+                Ok(text) => Ok(Some(text.trim_matches([' ', '\t']).to_owned())),
+                Err(_) => Err(mismatch(format!("{name} header holds invalid characters"))),
+            },
+        }
+    };
+    let version_header = header("mcp-protocol-version")?;
+    let meta_version = params
+        .get("_meta")
+        .and_then(|m| m.get(META_VERSION))
+        .and_then(Value::as_str);
+    let modern = meta_version.is_some()
+        || version_header
+            .as_deref()
+            .is_some_and(|v| MODERN_VERSIONS.contains(&v));
+    let method_header = header("mcp-method")?;
+    let name_header = header("mcp-name")?;
+    if modern {
+        let Some(version) = version_header.as_deref() else {
+            return Err(mismatch(
+                "Header mismatch: MCP-Protocol-Version header is required".into(),
+            ));
+        };
+        let meta = params.get("_meta").and_then(Value::as_object);
+        for key in [META_VERSION, META_CAPABILITIES] {
+            if meta.and_then(|m| m.get(key)).is_none() {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    code::INVALID_PARAMS,
+                    format!("Invalid params: _meta must hold {key}"),
+                    None,
+                ));
+            }
+        }
+        if meta_version != Some(version) {
+            return Err(mismatch(format!(
+                "Header mismatch: MCP-Protocol-Version header value '{version}' does not match \
+                 body value '{}'",
+                meta_version.unwrap_or("")
+            )));
+        }
+        if !MODERN_VERSIONS.contains(&version) {
+            return Err(unsupported(version));
+        }
+        if method_header.is_none() {
+            return Err(mismatch(
+                "Header mismatch: Mcp-Method header is required".into(),
+            ));
+        }
+    } else if let Some(version) = version_header.as_deref() {
+        if method != "initialize" && !PROTOCOL_VERSIONS.contains(&version) {
+            return Err(unsupported(version));
+        }
+    }
+    if let Some(h) = method_header {
+        if h != method {
+            return Err(mismatch(format!(
+                "Header mismatch: Mcp-Method header value '{h}' does not match body value '{method}'"
+            )));
+        }
+    }
+    let named = matches!(method, "tools/call" | "prompts/get" | "resources/read");
+    let body_name = if method == "resources/read" {
+        params.get("uri")
+    } else {
+        params.get("name")
+    }
+    .and_then(Value::as_str);
+    match name_header {
+        Some(h) => {
+            let decoded = decode_sentinel(&h).ok_or_else(|| {
+                mismatch("Header mismatch: Mcp-Name header is not valid base64".into())
+            })?;
+            if Some(decoded.as_str()) != body_name {
+                return Err(mismatch(format!(
+                    "Header mismatch: Mcp-Name header value '{h}' does not match body value '{}'",
+                    body_name.unwrap_or("")
+                )));
+            }
+        }
+        None if modern && named => {
+            return Err(mismatch(format!(
+                "Header mismatch: Mcp-Name header is required for {method}"
+            )));
+        }
+        None => {}
+    }
+    Ok(if modern { Era::Modern } else { Era::Legacy })
+}
+
+fn unsupported(requested: &str) -> Refusal {
+    let supported: Vec<&str> = MODERN_VERSIONS
+        .iter()
+        .chain(&PROTOCOL_VERSIONS)
+        .copied()
+        .collect();
+    (
+        StatusCode::BAD_REQUEST,
+        code::UNSUPPORTED_PROTOCOL_VERSION,
+        "Unsupported protocol version".into(),
+        Some(serde_json::json!({"supported": supported, "requested": requested})),
+    )
+}
+
+/// A header value, decoded when it is in the `=?base64?...?=` form; `None` when that form holds
+/// no valid base64 of UTF-8.
+fn decode_sentinel(value: &str) -> Option<String> {
+    use base64::Engine as _;
+    let Some(inner) = value
+        .strip_prefix("=?base64?")
+        .and_then(|v| v.strip_suffix("?="))
+    else {
+        return Some(value.to_owned());
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(inner)
+        .ok()?;
+    String::from_utf8(bytes).ok()
 }
 
 /// 128 random bits from the kernel, hex; a counter and the time if that fails.

@@ -83,7 +83,64 @@ pub enum UpstreamError {
 struct Session {
     id: Option<String>,
     protocol: String,
+    /// What the upstream said it offers in its `initialize` answer.
+    capabilities: Value,
 }
+
+/// The things an upstream offers through a paginated list method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// `tools/list`, named by `name`.
+    Tools,
+    /// `prompts/list`, named by `name`.
+    Prompts,
+    /// `resources/list`, named by `uri`.
+    Resources,
+    /// `resources/templates/list`, named by `uriTemplate`.
+    Templates,
+}
+
+impl Kind {
+    /// The list method.
+    pub fn method(self) -> &'static str {
+        match self {
+            Kind::Tools => "tools/list",
+            Kind::Prompts => "prompts/list",
+            Kind::Resources => "resources/list",
+            Kind::Templates => "resources/templates/list",
+        }
+    }
+
+    /// The field of the result that holds the page.
+    pub fn key(self) -> &'static str {
+        match self {
+            Kind::Tools => "tools",
+            Kind::Prompts => "prompts",
+            Kind::Resources => "resources",
+            Kind::Templates => "resourceTemplates",
+        }
+    }
+
+    /// The field of an entry that names it.
+    pub fn name_field(self) -> &'static str {
+        match self {
+            Kind::Tools | Kind::Prompts => "name",
+            Kind::Resources => "uri",
+            Kind::Templates => "uriTemplate",
+        }
+    }
+
+    /// The capability an upstream declares when it offers this kind.
+    fn capability(self) -> &'static str {
+        match self {
+            Kind::Tools => "tools",
+            Kind::Prompts => "prompts",
+            Kind::Resources | Kind::Templates => "resources",
+        }
+    }
+}
+
+type Names = std::collections::HashMap<Kind, std::collections::HashSet<String>>;
 
 /// One upstream and its session.
 #[derive(Debug)]
@@ -91,9 +148,9 @@ pub struct Upstream {
     /// Its config entry.
     pub config: UpstreamConfig,
     session: Mutex<Option<Session>>,
-    /// Tool names from its last `tools/list`, so that calls to tools it does not have get the
-    /// proxy's own unknown-tool error (the same as for a denied one).
-    known_tools: std::sync::Mutex<Option<std::collections::HashSet<String>>>,
+    /// Names from its last listing of each kind, so that requests for things it does not have
+    /// get the proxy's own unknown-name error (the same as for a denied one).
+    known: std::sync::Mutex<Names>,
 }
 
 impl Upstream {
@@ -102,64 +159,97 @@ impl Upstream {
         Self {
             config,
             session: Mutex::new(None),
-            known_tools: std::sync::Mutex::new(None),
+            known: std::sync::Mutex::new(Names::new()),
         }
     }
 
-    /// Lists the upstream's tools (following `nextCursor`, at most 100 pages) and remembers
-    /// their names.
-    pub async fn list_tools(
+    /// Lists everything of `kind` the upstream offers (following `nextCursor`, at most 100
+    /// pages) and remembers the names. An upstream that does not declare the capability, or
+    /// answers the list with a JSON-RPC error, offers nothing of that kind.
+    pub async fn list(
         &self,
         client: &HttpClient,
         limits: Limits,
+        kind: Kind,
     ) -> Result<Vec<Value>, UpstreamError> {
-        let mut tools = Vec::new();
-        let mut cursor: Option<Value> = None;
-        for _ in 0..100 {
-            let params = match &cursor {
-                Some(c) => json!({"cursor": c}),
-                None => json!({}),
-            };
-            let answer = self.request(client, limits, "tools/list", params).await?;
-            let Some(page) = answer.pointer("/result/tools").and_then(Value::as_array) else {
-                return Err(self.bad("tools/list answer has no tools"));
-            };
-            tools.extend(page.iter().cloned());
-            cursor = answer.pointer("/result/nextCursor").cloned();
-            if cursor.as_ref().is_none_or(Value::is_null) {
-                break;
+        let session = match tokio::time::timeout(limits.timeout, self.session(client, limits)).await
+        {
+            Ok(s) => s?,
+            Err(_) => return Err(UpstreamError::Timeout(self.config.name.clone())),
+        };
+        let mut items = Vec::new();
+        // Tools are always asked for (the proxy's reason to exist); the rest only where the
+        // upstream declared them.
+        if kind == Kind::Tools || session.capabilities.get(kind.capability()).is_some() {
+            let mut cursor: Option<Value> = None;
+            for _ in 0..100 {
+                let params = match &cursor {
+                    Some(c) => json!({"cursor": c}),
+                    None => json!({}),
+                };
+                let answer = self.request(client, limits, kind.method(), params).await?;
+                if answer.get("error").is_some() {
+                    if kind == Kind::Tools {
+                        return Err(self.bad("tools/list answered with an error"));
+                    }
+                    break;
+                }
+                let page = answer
+                    .pointer(&format!("/result/{}", kind.key()))
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| {
+                        self.bad(&format!("{} answer has no {}", kind.method(), kind.key()))
+                    })?;
+                items.extend(page.iter().cloned());
+                cursor = answer.pointer("/result/nextCursor").cloned();
+                if cursor.as_ref().is_none_or(Value::is_null) {
+                    break;
+                }
             }
         }
-        let names = tools
+        let names = items
             .iter()
-            .filter_map(|t| t.get("name").and_then(Value::as_str).map(str::to_owned))
+            .filter_map(|t| {
+                t.get(kind.name_field())
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
             .collect();
-        if let Ok(mut known) = self.known_tools.lock() {
-            *known = Some(names);
+        if let Ok(mut known) = self.known.lock() {
+            known.insert(kind, names);
         }
-        Ok(tools)
+        Ok(items)
     }
 
-    /// Whether the upstream has `tool`, from its last listing; lists again when the name is
-    /// not there (tools come and go).
-    pub async fn has_tool(
+    /// Whether the upstream offers `name` of `kind`, from its last listing; lists again when
+    /// the name is not there (things come and go).
+    pub async fn has(
         &self,
         client: &HttpClient,
         limits: Limits,
-        tool: &str,
+        kind: Kind,
+        name: &str,
     ) -> Result<bool, UpstreamError> {
-        let cached = self
-            .known_tools
-            .lock()
-            .ok()
-            .and_then(|k| k.as_ref().map(|set| set.contains(tool)));
-        if cached == Some(true) {
+        if self.knows(kind, name) == Some(true) {
             return Ok(true);
         }
-        let tools = self.list_tools(client, limits).await?;
-        Ok(tools
-            .iter()
-            .any(|t| t.get("name").and_then(Value::as_str) == Some(tool)))
+        self.list(client, limits, kind).await?;
+        Ok(self.knows(kind, name) == Some(true))
+    }
+
+    /// Whether the last listing of `kind` had `name`; `None` before the first listing.
+    pub fn knows(&self, kind: Kind, name: &str) -> Option<bool> {
+        let known = self.known.lock().ok()?;
+        known.get(&kind).map(|set| set.contains(name))
+    }
+
+    /// The names of the last listing of `kind`.
+    pub fn known_names(&self, kind: Kind) -> Vec<String> {
+        self.known
+            .lock()
+            .ok()
+            .and_then(|k| k.get(&kind).map(|s| s.iter().cloned().collect()))
+            .unwrap_or_default()
     }
 
     /// Sends one JSON-RPC request and returns the JSON-RPC response object (with `result` or
@@ -231,7 +321,15 @@ impl Upstream {
             .and_then(Value::as_str)
             .ok_or_else(|| self.bad("initialize failed"))?
             .to_owned();
-        let session = Session { id, protocol };
+        let capabilities = answer
+            .pointer("/result/capabilities")
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        let session = Session {
+            id,
+            protocol,
+            capabilities,
+        };
         let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
         self.post(client, limits, Some(&session), &note).await?;
         *guard = Some(session.clone());
