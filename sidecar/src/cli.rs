@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use agentvm_sidecar::dispatch::{self, DispatchConfig, DispatchState};
 use agentvm_sidecar::exec::command::{base_env, Policy, DEFAULT_PATH};
-use agentvm_sidecar::exec::{self, server, ExecConfig, ExecState};
+use agentvm_sidecar::exec::{self, runner, server, ExecConfig, ExecState};
 use agentvm_sidecar::probe;
 use agentvm_sidecar::proxy::{self, config::ExecBackend, config::ProxyConfig, policy::ToolPolicy};
 use clap::{Parser, Subcommand};
@@ -37,6 +37,15 @@ enum Command {
     Proxy(ProxyArgs),
     /// Serve the exec dispatcher: the exec server's API, each command run as a Kubernetes Job.
     Dispatch(DispatchArgs),
+    /// Put this program at DEST, for the runner of a dispatcher Job (its init container).
+    #[command(hide = true)]
+    InstallRunner(InstallRunnerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct InstallRunnerArgs {
+    /// Where the program goes.
+    dest: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -242,6 +251,16 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Exec(args) => run_exec(args),
         Command::Proxy(args) => run_proxy(args),
         Command::Dispatch(args) => run_dispatch(args),
+        Command::InstallRunner(args) => match runner::install(&args.dest) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "agentvm-sidecar install-runner {}: {e}",
+                    args.dest.display()
+                );
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -297,6 +316,7 @@ fn exec_config(args: &ExecArgs) -> Result<ExecConfig, String> {
         max_body_bytes: args.limits.max_body_bytes,
         max_concurrent: args.limits.max_concurrent,
         access_log: args.access_log,
+        runner: PathBuf::from("/proc/self/exe"),
     })
 }
 
@@ -331,8 +351,9 @@ fn run_exec(args: ExecArgs) -> ExitCode {
         let app = exec::app(Arc::new(ExecState::new(config)));
         let shutdown = agentvm_common::serve::shutdown_signal();
         agentvm_common::serve::serve(listener, None, app, shutdown, grace).await;
-        // Commands still running after the grace period do not outlive the server.
-        agentvm_sidecar::reaper::kill_all();
+        // Commands still running after the grace period do not outlive the server: their
+        // runners, told to stop, end everything the commands started.
+        agentvm_sidecar::reaper::end_all(Duration::from_secs(5));
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })

@@ -1,13 +1,14 @@
-//! Starting commands in their own process group and reaping them.
+//! Starting commands in their own process group, reaping them, and ending what they leave.
 //!
 //! One thread per process waits for children to exit. It reaps every child, not only the ones
-//! it started: the exec server is often PID 1 of its container, where the descendants of killed
-//! commands are re-parented to it and would stay zombies otherwise. A consequence is that
+//! it started: the process is a child subreaper (and often PID 1 of its container), so orphaned
+//! descendants are re-parented to it and would stay zombies otherwise. A consequence is that
 //! nothing else in the process may start children and wait for them.
 //!
 //! When a command's leader exits, its whole process group is killed before the leader is reaped:
 //! while the leader is a zombie its pid (which is also the group id) cannot be reused, so the
-//! signal can only reach that command's group. Background processes never outlive their command.
+//! signal can only reach that command's group. Processes that left the group are found by
+//! [`kill_descendants`], which walks parent links (see [`crate::exec::tree`]).
 //!
 //! Commands inherit no descriptor of the server: the ones Rust opens are close-on-exec, and the
 //! ones the process inherited are marked so before the first command starts.
@@ -15,11 +16,17 @@
 use std::collections::HashMap;
 use std::io;
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, Signal, WaitId, WaitIdOptions, WaitOptions};
+use rustix::process::{DumpableBehavior, Pid, Signal, WaitId, WaitIdOptions, WaitOptions};
 use tokio::sync::oneshot;
+
+use crate::exec::tree::{self, Swept};
+
+/// How long one sweep of orphans may take in the reaper thread.
+const ORPHAN_SWEEP_BOUND: Duration = Duration::from_secs(2);
 
 /// How a command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,37 +51,65 @@ pub struct Started {
 #[derive(Default)]
 struct Table {
     waiting: HashMap<i32, oneshot::Sender<Exit>>,
-    /// Bumped on every start, so that the reaper thread sees starts it slept through.
+    /// Bumped on every start and every reap, so that waiters see changes they slept through.
     generation: u64,
 }
 
 struct Reaper {
     table: Mutex<Table>,
-    started: Condvar,
+    changed: Condvar,
 }
 
 static REAPER: OnceLock<Reaper> = OnceLock::new();
+
+/// Set by [`kill_orphans`].
+static KILL_ORPHANS: AtomicBool = AtomicBool::new(false);
 
 fn reaper() -> &'static Reaper {
     REAPER.get_or_init(|| {
         // Descriptors the process inherited without close-on-exec (from a shell, a test runner,
         // a container runtime) would otherwise reach every command. Rust's own are marked.
         close_fds::set_fds_cloexec_threadsafe(3, &[]);
+        // An explicit stack size: RUST_MIN_STACK (which a command's environment may set, in the
+        // runner) must not keep the thread from starting.
         let spawned = std::thread::Builder::new()
             .name("agentvm-reaper".into())
+            .stack_size(256 * 1024)
             .spawn(reap_forever);
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the reaper thread; commands will not end");
         }
         Reaper {
             table: Mutex::new(Table::default()),
-            started: Condvar::new(),
+            changed: Condvar::new(),
         }
     })
 }
 
 fn lock(r: &Reaper) -> MutexGuard<'_, Table> {
     r.table.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn own_pid() -> i32 {
+    rustix::process::getpid().as_raw_nonzero().get()
+}
+
+/// Makes this process a child subreaper (orphaned descendants are re-parented to it rather than
+/// to PID 1, so they stay in its subtree) and not dumpable. Commands run as the same user as this
+/// process: without the second, they could open its `/proc/<pid>/fd` (the pipes of other
+/// commands) or trace it.
+pub fn become_subreaper() -> io::Result<()> {
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid()))?;
+    rustix::process::set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+    Ok(())
+}
+
+/// Makes this process a subreaper that kills, with their descendants, the children it did not
+/// start: orphans re-parented to it because the process that should have ended them (a runner)
+/// died first. Once set, every child must be started through [`start`].
+pub fn kill_orphans() -> io::Result<()> {
+    KILL_ORPHANS.store(true, Ordering::Relaxed);
+    become_subreaper()
 }
 
 /// Starts `cmd` as the leader of a new process group. The command's stdio must be set by the
@@ -92,7 +127,7 @@ pub fn start(mut cmd: Command) -> io::Result<Started> {
     table.waiting.insert(pid, tx);
     table.generation = table.generation.wrapping_add(1);
     drop(table);
-    r.started.notify_all();
+    r.changed.notify_all();
     Ok(Started { pid, child, exit })
 }
 
@@ -104,12 +139,46 @@ pub fn kill_group(pid: i32) {
     }
 }
 
-/// Kills the groups of all commands still running (at shutdown).
-pub fn kill_all() {
+/// Sends `signal` to a started command, unless it has been reaped already (its pid may then
+/// belong to another process).
+pub fn signal(pid: i32, signal: Signal) {
     let Some(r) = REAPER.get() else { return };
     let table = lock(r);
+    if table.waiting.contains_key(&pid) {
+        if let Some(p) = Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(p, signal);
+        }
+    }
+}
+
+/// Stops and kills every descendant of this process, the commands it started included, in
+/// whatever group or session they are (see [`tree`]). No child is reaped meanwhile.
+pub fn kill_descendants(bound: Duration) -> Swept {
+    let r = reaper();
+    let _table = lock(r);
+    tree::kill_tree(own_pid(), |_| false, bound)
+}
+
+/// Sends SIGTERM to every command still running and waits up to `wait` for them to be reaped (at
+/// shutdown: a runner told to stop ends everything its command started).
+pub fn end_all(wait: Duration) {
+    let Some(r) = REAPER.get() else { return };
+    let mut table = lock(r);
     for pid in table.waiting.keys() {
-        kill_group(*pid);
+        if let Some(p) = Pid::from_raw(*pid) {
+            let _ = rustix::process::kill_process(p, Signal::TERM);
+        }
+    }
+    let until = Instant::now() + wait;
+    while !table.waiting.is_empty() {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        table = match r.changed.wait_timeout(table, left) {
+            Ok((t, _)) => t,
+            Err(p) => p.into_inner().0,
+        };
     }
 }
 
@@ -125,10 +194,10 @@ fn reap_forever() {
             Ok(_) => reap_zombies(r),
             Err(rustix::io::Errno::CHILD) => {
                 // No child at all: sleep until the next start. The timeout catches orphans
-                // re-parented to us (PID 1 of a container) after a start.
+                // re-parented to us after a start.
                 let table = lock(r);
                 drop(
-                    r.started
+                    r.changed
                         .wait_timeout_while(table, Duration::from_secs(1), |t| {
                             t.generation == generation
                         }),
@@ -156,8 +225,25 @@ fn reap_zombies(r: &Reaper) {
             kill_group(*pid);
         }
     }
+    if KILL_ORPHANS.load(Ordering::Relaxed) {
+        // Children we did not start came from a runner that died: its orphans are ours now.
+        let swept = tree::kill_tree(
+            own_pid(),
+            |pid| table.waiting.contains_key(&pid),
+            ORPHAN_SWEEP_BOUND,
+        );
+        if swept.killed > 0 || !swept.complete {
+            tracing::warn!(
+                killed = swept.killed,
+                complete = swept.complete,
+                "killed processes left by a runner that died"
+            );
+        }
+    }
     // `wait` is waitpid(-1): any child. (`waitpid(None)` would be the caller's group only.)
+    let mut reaped = false;
     while let Ok(Some((pid, status))) = rustix::process::wait(WaitOptions::NOHANG) {
+        reaped = true;
         let pid = pid.as_raw_nonzero().get();
         if let Some(tx) = table.waiting.remove(&pid) {
             // A leader that exited between the scan above and here.
@@ -167,5 +253,10 @@ fn reap_zombies(r: &Reaper) {
                 signal: status.terminating_signal(),
             });
         }
+    }
+    if reaped {
+        table.generation = table.generation.wrapping_add(1);
+        drop(table);
+        r.changed.notify_all();
     }
 }

@@ -109,6 +109,195 @@ fn exec_server_answers_the_probe_runs_commands_and_stops_on_sigterm() {
     std::fs::remove_dir_all(&workspace).unwrap();
 }
 
+/// Whether `pid` is a live process (a zombie counts as dead).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// Runs the runner as a Job's container does; its report (decoded) and exit status.
+fn runner(args: &[&str], stdin: Stdio) -> (serde_json::Value, Option<i32>) {
+    let out = Command::new(BIN)
+        .arg("run")
+        .args(args)
+        .stdin(stdin)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let json = text
+        .strip_prefix("agentvm-exec-report/1 ")
+        .unwrap_or_else(|| panic!("not a report: {text:?}"));
+    assert_eq!(json.matches('\n').count(), 1, "one line: {text:?}");
+    let mut report: serde_json::Value = serde_json::from_str(json).unwrap();
+    if let Some(ran) = report.get_mut("ran") {
+        use base64::Engine as _;
+        for stream in ["stdout", "stderr"] {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(ran[stream].as_str().unwrap())
+                .unwrap();
+            ran[stream] = String::from_utf8(bytes).unwrap().into();
+        }
+    }
+    (report, out.status.code())
+}
+
+/// A process in a new session, one in a new process group (`setpgid`), one double-forked into
+/// a new session, their pids printed.
+const ESCAPES: &str = "setsid sleep 300 >/dev/null 2>&1 & echo $!; \
+    perl -e 'setpgrp(0, 0); exec \"sleep\", \"300\"' >/dev/null 2>&1 & echo $!; \
+    (setsid sh -c 'sleep 300 & echo $!' &); sleep 0.3";
+
+fn assert_all_dead(stdout: &serde_json::Value) {
+    let pids: Vec<i32> = stdout
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 3, "{stdout}");
+    let alive: Vec<i32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+    for p in &alive {
+        let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+    }
+    assert!(alive.is_empty(), "outlived the runner: {alive:?}");
+}
+
+/// The runner alone (this test process is no subreaper): nothing its command started, in
+/// whatever session or group, outlives it, at the command's end or at the time limit.
+#[test]
+fn the_runner_ends_everything_its_command_started() {
+    let (report, status) = runner(
+        &[
+            "--timeout-ms=5000",
+            "--max-output-bytes=100",
+            "--",
+            "sh",
+            "-c",
+            ESCAPES,
+        ],
+        Stdio::null(),
+    );
+    assert_eq!(status, Some(0), "{report}");
+    assert_eq!(report["ran"]["exit_code"], 0);
+    assert_all_dead(&report["ran"]["stdout"]);
+
+    let script = format!("{ESCAPES}; echo late >&2; exec sleep 300");
+    let (report, status) = runner(
+        &[
+            "--timeout-ms=1000",
+            "--max-output-bytes=100",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+        Stdio::null(),
+    );
+    assert_eq!(status, Some(124), "{report}");
+    let ran = &report["ran"];
+    assert_eq!(
+        (ran["timed_out"].clone(), ran["signal"].clone()),
+        (true.into(), 9.into())
+    );
+    assert_eq!(ran["stderr"], "late\n");
+    assert_all_dead(&ran["stdout"]);
+}
+
+/// As a Job runs it: standard input from a file, the environment passed on, output capped per
+/// stream, a signal reported, a missing program reported.
+#[test]
+fn the_runner_reports_how_its_command_ended() {
+    let dir = std::env::temp_dir().join(format!("agentvm-runner-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stdin = dir.join("stdin");
+    std::fs::write(&stdin, "from the file").unwrap();
+    let (report, status) = runner(
+        &[
+            "--timeout-ms=5000",
+            "--max-output-bytes=20",
+            "--stdin-file",
+            stdin.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "cat; echo; seq 1 100 >&2; exit 7",
+        ],
+        Stdio::null(),
+    );
+    assert_eq!(status, Some(7));
+    let ran = &report["ran"];
+    assert_eq!(ran["stdout"], "from the file\n");
+    assert_eq!(ran["stdout_truncated"], false);
+    assert_eq!(ran["stderr"], "1\n2\n3\n4\n5\n6\n7\n8\n9\n10");
+    assert_eq!(ran["stderr_truncated"], true);
+
+    let (report, status) = runner(
+        &[
+            "--timeout-ms=5000",
+            "--max-output-bytes=20",
+            "--",
+            "sh",
+            "-c",
+            "kill -TERM $$",
+        ],
+        Stdio::null(),
+    );
+    assert_eq!(status, Some(128 + 15));
+    assert_eq!(report["ran"]["signal"], 15);
+    assert_eq!(report["ran"]["exit_code"], serde_json::Value::Null);
+
+    let (report, status) = runner(
+        &[
+            "--timeout-ms=5000",
+            "--max-output-bytes=20",
+            "--",
+            "no-such-program",
+        ],
+        Stdio::null(),
+    );
+    assert_eq!(status, Some(127));
+    assert_eq!(report["not_started"]["reason"], "not_found");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Told to stop (as the kubelet does at a Job's deadline), the runner ends its command and
+/// everything it started, and still reports.
+#[test]
+fn the_runner_stops_on_sigterm() {
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            "--timeout-ms=60000",
+            "--max-output-bytes=100",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(format!("{ESCAPES}; exec sleep 300"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    sigterm(&child);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(128 + 9));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let json = text.strip_prefix("agentvm-exec-report/1 ").unwrap();
+    let report: serde_json::Value = serde_json::from_str(json).unwrap();
+    use base64::Engine as _;
+    let stdout = base64::engine::general_purpose::STANDARD
+        .decode(report["ran"]["stdout"].as_str().unwrap())
+        .unwrap();
+    assert_all_dead(&String::from_utf8(stdout).unwrap().into());
+}
+
 #[test]
 fn bad_configuration_exits_with_64() {
     let status = Command::new(BIN)

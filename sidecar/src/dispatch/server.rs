@@ -328,6 +328,7 @@ async fn handle(
         stderr_truncated: false,
         timed_out,
         duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        note: None,
     };
     match (&end, &container) {
         (_, Some(c)) if c.ended && START_FAILURES.contains(&c.reason.as_str()) => {

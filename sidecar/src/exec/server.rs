@@ -1,5 +1,6 @@
 //! The HTTP face of the exec server: `POST /v1/exec`, `GET /v1/health` and `GET /healthz`.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -15,7 +16,8 @@ use tokio::sync::Semaphore;
 use tracing::{field, Instrument};
 
 use super::command::{ExecRequest, Policy, RequestError};
-use super::run::{self, Outcome, RunError};
+use super::report::Outcome;
+use super::run::{self, RunError};
 
 /// Default cap on each output stream: 1 MiB.
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1 << 20;
@@ -39,6 +41,9 @@ pub struct ExecConfig {
     pub max_concurrent: usize,
     /// One INFO line per request.
     pub access_log: bool,
+    /// The program that runs each command: this one (`/proc/self/exe`), whose `run`
+    /// subcommand is the runner.
+    pub runner: PathBuf,
 }
 
 /// What the handlers share.
@@ -50,8 +55,17 @@ pub struct ExecState {
 }
 
 impl ExecState {
-    /// State for `config`.
+    /// State for `config`. Makes this process a child subreaper that kills whatever a runner
+    /// that died left behind (see [`crate::reaper::kill_orphans`]), so every child of the
+    /// process must be started through the reaper.
     pub fn new(config: ExecConfig) -> Self {
+        if let Err(e) = crate::reaper::kill_orphans() {
+            tracing::warn!(
+                error = %e,
+                "cannot become a child subreaper: if a runner dies, what its command started \
+                 survives"
+            );
+        }
         let slots = Arc::new(Semaphore::new(config.max_concurrent));
         Self {
             config,
@@ -93,6 +107,10 @@ pub struct ExecResponse {
     pub timed_out: bool,
     /// Wall time from start to exit.
     pub duration_ms: u64,
+    /// What the server could not find out, when it could not (the dispatcher, when a Job left
+    /// no report).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl From<Outcome> for ExecResponse {
@@ -105,7 +123,8 @@ impl From<Outcome> for ExecResponse {
             stdout_truncated: o.stdout_truncated,
             stderr_truncated: o.stderr_truncated,
             timed_out: o.timed_out,
-            duration_ms: u64::try_from(o.duration.as_millis()).unwrap_or(u64::MAX),
+            duration_ms: o.duration_ms,
+            note: None,
         }
     }
 }
@@ -149,7 +168,7 @@ impl ExecError {
                 }
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
-            ExecError::Run(RunError::Pipe { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+            ExecError::Run(RunError::Runner(_)) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -159,7 +178,8 @@ impl ExecError {
             ExecError::TooLarge(_) => "too_large",
             ExecError::Body(_) | ExecError::Json(_) | ExecError::Request(_) => "bad_request",
             ExecError::Busy => "busy",
-            ExecError::Run(_) => "spawn_failed",
+            ExecError::Run(RunError::Spawn { .. }) => "spawn_failed",
+            ExecError::Run(RunError::Runner(_)) => "runner_failed",
         }
     }
 }
@@ -278,7 +298,12 @@ async fn handle(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ExecError::Busy)?;
-    let outcome = run::run(prepared, state.config.max_output_bytes).await?;
+    let outcome = run::run(
+        &state.config.runner,
+        prepared,
+        state.config.max_output_bytes,
+    )
+    .await?;
     Ok(outcome.into())
 }
 
@@ -294,162 +319,4 @@ pub(crate) async fn read_body(limit: usize, body: Body) -> Result<axum::body::By
         }
         ExecError::Body(e.to_string())
     })
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-mod tests {
-    use super::*;
-    use crate::exec::command::{base_env, DEFAULT_PATH};
-    use axum::http::Request;
-    use std::time::Duration;
-    use tower::ServiceExt;
-
-    fn config() -> ExecConfig {
-        let root = std::env::temp_dir().canonicalize().unwrap();
-        ExecConfig {
-            policy: Policy {
-                base_env: base_env(&root, DEFAULT_PATH, "/tmp", &[]),
-                workspace: root,
-                default_timeout: Duration::from_secs(5),
-                max_timeout: Duration::from_secs(30),
-            },
-            max_output_bytes: 1024,
-            max_body_bytes: 4096,
-            max_concurrent: 1,
-            access_log: false,
-        }
-    }
-
-    async fn call(app: &Router, body: &str) -> (StatusCode, Option<String>, serde_json::Value) {
-        let request = Request::post("/v1/exec")
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_owned()))
-            .unwrap();
-        let response = app.clone().oneshot(request).await.unwrap();
-        let status = response.status();
-        let retry = response
-            .headers()
-            .get(header::RETRY_AFTER)
-            .map(|v| v.to_str().unwrap().to_owned());
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        (status, retry, serde_json::from_slice(&bytes).unwrap())
-    }
-
-    #[tokio::test]
-    async fn runs_a_command() {
-        let app = app(Arc::new(ExecState::new(config())));
-        let (status, _, body) = call(
-            &app,
-            r#"{"argv": ["sh", "-c", "echo $0 $X; cat", "hi"], "stdin": "in", "env": {"X": "y"}}"#,
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        assert_eq!(body["stdout"], "hi y\nin");
-        assert_eq!(body["exit_code"], 0);
-        assert_eq!(body["stdout_truncated"], false);
-        assert!(body.get("signal").is_none());
-    }
-
-    #[tokio::test]
-    async fn timeout_answers_with_the_signal() {
-        let app = app(Arc::new(ExecState::new(config())));
-        let (status, _, body) = call(&app, r#"{"argv": ["sleep", "10"], "timeout_ms": 100}"#).await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(body["exit_code"], serde_json::Value::Null);
-        assert_eq!(
-            (body["signal"].as_i64(), body["timed_out"].as_bool()),
-            (Some(9), Some(true))
-        );
-    }
-
-    #[tokio::test]
-    async fn bad_requests_get_400_with_a_reason() {
-        let app = app(Arc::new(ExecState::new(config())));
-        for (body, reason) in [
-            ("not json", "invalid request"),
-            (r#"{"argv": "ls"}"#, "invalid request"),
-            (r#"{"argv": []}"#, "argv must name a program"),
-            (
-                r#"{"argv": ["ls"], "cwd": "../etc"}"#,
-                "must not contain ..",
-            ),
-            (
-                r#"{"argv": ["ls"], "cwd": "/etc"}"#,
-                "outside the workspace",
-            ),
-            (r#"{"argv": ["ls"], "timeout_ms": 999999999}"#, "timeout_ms"),
-            (r#"{"argv": ["/no/such/program"]}"#, "cannot start"),
-        ] {
-            let (status, _, answer) = call(&app, body).await;
-            assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
-            let error = answer["error"].as_str().unwrap();
-            assert!(error.contains(reason), "{body}: {error}");
-        }
-    }
-
-    #[tokio::test]
-    async fn large_bodies_get_413() {
-        let app = app(Arc::new(ExecState::new(config())));
-        let body = format!(r#"{{"argv": ["true"], "stdin": "{}"}}"#, "x".repeat(5000));
-        let (status, _, answer) = call(&app, &body).await;
-        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
-    }
-
-    #[tokio::test]
-    async fn a_full_server_answers_429_with_retry_after() {
-        let app = app(Arc::new(ExecState::new(config())));
-        let busy = {
-            let app = app.clone();
-            tokio::spawn(async move { call(&app, r#"{"argv": ["sleep", "1"]}"#).await })
-        };
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let (status, retry, answer) = call(&app, r#"{"argv": ["true"]}"#).await;
-        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
-        assert_eq!(retry.as_deref(), Some(RETRY_AFTER_SECS));
-        assert_eq!(busy.await.unwrap().0, StatusCode::OK);
-        // The slot is free again.
-        assert_eq!(call(&app, r#"{"argv": ["true"]}"#).await.0, StatusCode::OK);
-    }
-
-    #[tokio::test]
-    async fn concurrent_load_runs_at_most_the_limit_and_refuses_the_rest() {
-        let config = ExecConfig {
-            max_concurrent: 3,
-            ..config()
-        };
-        let app = app(Arc::new(ExecState::new(config)));
-        let calls: Vec<_> = (0..12)
-            .map(|_| {
-                let app = app.clone();
-                tokio::spawn(async move { call(&app, r#"{"argv": ["sleep", "0.5"]}"#).await })
-            })
-            .collect();
-        let mut ok = 0;
-        let mut busy = 0;
-        for c in calls {
-            let (status, retry, _) = c.await.unwrap();
-            match status {
-                StatusCode::OK => ok += 1,
-                StatusCode::TOO_MANY_REQUESTS => {
-                    assert_eq!(retry.as_deref(), Some(RETRY_AFTER_SECS));
-                    busy += 1;
-                }
-                other => panic!("unexpected {other}"),
-            }
-        }
-        assert_eq!((ok, busy), (3, 9));
-    }
-
-    #[tokio::test]
-    async fn health_endpoints_answer() {
-        let app = app(Arc::new(ExecState::new(config())));
-        for path in ["/v1/health", "/healthz"] {
-            let request = Request::get(path).body(Body::empty()).unwrap();
-            let response = app.clone().oneshot(request).await.unwrap();
-            assert_eq!(response.status(), StatusCode::OK, "{path}");
-        }
-    }
 }
