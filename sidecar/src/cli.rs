@@ -159,6 +159,10 @@ struct DispatchArgs {
     /// Image of the Jobs' container: the tools commands may run. Required.
     #[arg(long, env = "AGENTVM_DISPATCH_IMAGE", default_value = "")]
     image: String,
+    /// Image of the Jobs' init container, whose agentvm-sidecar (on its PATH) is copied into the
+    /// pod to run the command: the sidecar image. Required.
+    #[arg(long, env = "AGENTVM_DISPATCH_RUNNER_IMAGE", default_value = "")]
+    runner_image: String,
     /// CPU request and limit of a Job's container (a Kubernetes quantity, e.g. 500m).
     #[arg(long, env = "AGENTVM_DISPATCH_CPU")]
     cpu: Option<String>,
@@ -168,7 +172,8 @@ struct DispatchArgs {
     /// Size limit of each scratch volume of a Job (/tmp and the working directory, e.g. 1Gi).
     #[arg(long, env = "AGENTVM_DISPATCH_SCRATCH_SIZE")]
     scratch_size: Option<String>,
-    /// Working directory of commands, an empty scratch volume in the Job's pod.
+    /// Working directory of commands, an empty scratch volume in the Job's pod (neither /tmp
+    /// nor under /agentvm, which the pod mounts itself).
     #[arg(long, env = "AGENTVM_DISPATCH_WORKDIR", default_value = "/workspace")]
     workdir: String,
     /// Limits of the exec API.
@@ -373,8 +378,22 @@ fn dispatch_config(args: &DispatchArgs) -> Result<DispatchConfig, String> {
     if args.image.is_empty() {
         return Err("--image must be set".into());
     }
+    if args.runner_image.is_empty() {
+        return Err("--runner-image (the sidecar image) must be set".into());
+    }
     if !args.workdir.starts_with('/') || args.workdir.split('/').any(|c| c == "..") {
         return Err("--workdir must be an absolute path without ..".into());
+    }
+    let workdir = std::path::Path::new(&args.workdir);
+    let reserved = [
+        std::path::Path::new("/tmp"),
+        std::path::Path::new(dispatch::job::RESERVED_DIR),
+    ];
+    if workdir.parent().is_none() || reserved.iter().any(|r| workdir.starts_with(r)) {
+        return Err(format!(
+            "--workdir must not be /, /tmp or under {}",
+            dispatch::job::RESERVED_DIR
+        ));
     }
     args.limits.check()?;
     for (flag, value) in [
@@ -402,6 +421,7 @@ fn dispatch_config(args: &DispatchArgs) -> Result<DispatchConfig, String> {
     Ok(DispatchConfig {
         template: dispatch::job::Template {
             image: args.image.clone(),
+            runner_image: args.runner_image.clone(),
             dispatcher: args.dispatcher_id.clone(),
             workdir: args.workdir.clone(),
             base_env,
@@ -411,9 +431,9 @@ fn dispatch_config(args: &DispatchArgs) -> Result<DispatchConfig, String> {
             cpu: args.cpu.clone(),
             memory: args.memory.clone(),
             scratch_size: args.scratch_size.clone(),
+            max_output_bytes: args.limits.max_output_bytes,
         },
         wait_slack: Duration::from_millis(args.wait_slack_ms),
-        max_output_bytes: args.limits.max_output_bytes,
         max_body_bytes: args.limits.max_body_bytes,
         max_concurrent: args.limits.max_concurrent,
         access_log: args.access_log,
@@ -467,6 +487,7 @@ fn run_dispatch(args: DispatchArgs) -> ExitCode {
             listen = %args.listen,
             k8s.namespace = %args.namespace,
             image = %args.image,
+            runner_image = %args.runner_image,
             "dispatcher serving"
         );
         let shutdown = agentvm_common::serve::shutdown_signal();

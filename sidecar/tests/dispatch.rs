@@ -1,6 +1,8 @@
-//! The exec dispatcher against a stand-in Kubernetes API (`k8s`): Jobs as specified, answers
-//! from the pod's log and exit code, Jobs deleted afterwards and at start-up, the concurrency
-//! limit, and API failures answered within their time limit.
+//! The exec dispatcher against a stand-in Kubernetes API (`k8s`) whose kubelet runs each Job's
+//! containers as processes of this machine: the runner's init container and then the runner
+//! with the command. Jobs as specified, answers from the runner's report (standard input fed
+//! from a Secret, standard error apart, caps, signals), Jobs deleted afterwards and at start-up,
+//! the concurrency limit, and API failures answered within their time limit.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod k8s;
@@ -19,11 +21,13 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 const DISPATCHER: &str = "agent-7f9c";
+const RUNNER_IMAGE: &str = "registry.example.com/agentvm-sidecar:1";
 
 fn config() -> DispatchConfig {
     DispatchConfig {
         template: Template {
             image: "registry.example.com/tools:1".into(),
+            runner_image: RUNNER_IMAGE.into(),
             dispatcher: DISPATCHER.into(),
             workdir: "/workspace".into(),
             base_env: vec![("PATH".into(), "/usr/bin:/bin".into())],
@@ -33,9 +37,9 @@ fn config() -> DispatchConfig {
             cpu: None,
             memory: None,
             scratch_size: None,
+            max_output_bytes: 1000,
         },
         wait_slack: Duration::from_secs(2),
-        max_output_bytes: 1000,
         max_body_bytes: 4096,
         max_concurrent: 2,
         access_log: false,
@@ -109,20 +113,17 @@ async fn a_command_runs_as_a_hardened_job_that_is_deleted_afterwards() {
     let (stand_in, app) = started(config()).await;
     let (status, _, answer) = call(
         &app,
-        json!({"argv": ["echo", "hello", "world"], "env": {"GREETING": "hi"}, "timeout_ms": 4500}),
+        json!({"argv": ["sh", "-c", "echo hello $GREETING"], "env": {"GREETING": "world"},
+            "timeout_ms": 4500}),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["exit_code"], 0);
     assert_eq!(answer["stdout"], "hello world\n");
-    assert_eq!(
-        answer["stderr"], "",
-        "Kubernetes merges stderr into the log"
-    );
+    assert_eq!(answer["stderr"], "");
     assert_eq!(answer["stdout_truncated"], false);
     assert_eq!(answer["timed_out"], false);
-    assert!(answer.get("signal").is_none());
-    assert!(answer["duration_ms"].as_u64().unwrap() >= 100);
+    assert!(answer.get("signal").is_none() && answer.get("note").is_none());
 
     let created = stand_in.store.lock().unwrap().created.clone();
     assert_eq!(created.len(), 1);
@@ -149,19 +150,36 @@ async fn a_command_runs_as_a_hardened_job_that_is_deleted_afterwards() {
         json!({"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532,
             "seccompProfile": {"type": "RuntimeDefault"}})
     );
+    let hardened = json!({"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+        "allowPrivilegeEscalation": false, "privileged": false, "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}});
+    let init = &pod["initContainers"][0];
+    assert_eq!(init["image"], RUNNER_IMAGE);
+    assert_eq!(init["securityContext"], hardened);
     let container = &pod["containers"][0];
     assert_eq!(container["image"], "registry.example.com/tools:1");
-    assert_eq!(container["command"], json!(["echo", "hello", "world"]));
+    assert_eq!(
+        container["command"],
+        json!([
+            "/agentvm/runner/agentvm-sidecar",
+            "run",
+            "--timeout-ms",
+            "4500",
+            "--max-output-bytes",
+            "1000",
+            "--env=GREETING=world",
+            "--",
+            "sh",
+            "-c",
+            "echo hello $GREETING"
+        ])
+    );
     assert_eq!(
         container["env"],
-        json!([{"name": "PATH", "value": "/usr/bin:/bin"}, {"name": "GREETING", "value": "hi"}])
+        json!([{"name": "PATH", "value": "/usr/bin:/bin"}])
     );
-    assert_eq!(
-        container["securityContext"],
-        json!({"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
-            "allowPrivilegeEscalation": false, "privileged": false, "readOnlyRootFilesystem": true,
-            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}})
-    );
+    assert_eq!(container["securityContext"], hardened);
+    assert!(stand_in.store.lock().unwrap().created_secrets.is_empty());
 
     let deleted = deleted_in_background(&stand_in);
     assert_eq!(deleted.len(), 1);
@@ -177,41 +195,127 @@ async fn a_command_runs_as_a_hardened_job_that_is_deleted_afterwards() {
 }
 
 #[tokio::test]
-async fn a_failing_command_answers_its_exit_code_and_output() {
+async fn stdin_reaches_the_command_through_a_secret_the_job_owns() {
     let (stand_in, app) = started(config()).await;
-    let (status, _, answer) = call(&app, json!({"argv": ["fail", "3"]})).await;
+    let stdin = "line one\nline two with \u{e9}\n";
+    let (status, _, answer) = call(&app, json!({"argv": ["cat"], "stdin": stdin})).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["stdout"], stdin);
+    assert_eq!(answer["exit_code"], 0);
+
+    let store = stand_in.store.lock().unwrap();
+    let job = &store.created[0];
+    let secrets = &store.created_secrets;
+    assert_eq!(secrets.len(), 1);
+    let secret = &secrets[0];
+    let name = secret["metadata"]["name"].as_str().unwrap();
+    assert!(name.starts_with("agentvm-exec-stdin-"), "{name}");
+    let volume = &job["spec"]["template"]["spec"]["volumes"][3];
+    assert_eq!(volume["secret"]["secretName"], name);
+    let owner = &secret["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (owner["kind"].as_str(), owner["apiVersion"].as_str()),
+        (Some("Job"), Some("batch/v1"))
+    );
+    let job_name = &store.deleted[0].0;
+    assert_eq!(owner["name"], job_name.as_str());
+    assert_eq!(owner["uid"], format!("uid-{job_name}"));
+    assert_eq!(secret["immutable"], true);
+    assert_eq!(
+        secret["metadata"]["labels"]["agentvm.dev/exec-id"],
+        job["metadata"]["labels"]["agentvm.dev/exec-id"]
+    );
+    assert!(store.secrets.is_empty(), "collected with its Job");
+}
+
+#[tokio::test]
+async fn stderr_comes_back_apart_with_the_exit_code() {
+    let (stand_in, app) = started(config()).await;
+    let (status, _, answer) = call(
+        &app,
+        json!({"argv": ["sh", "-c", "echo out; echo err >&2; exit 3"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["stdout"], "out\n");
+    assert_eq!(answer["stderr"], "err\n");
     assert_eq!(answer["exit_code"], 3);
-    assert_eq!(answer["stdout"], "failing\n");
     assert_eq!(answer["timed_out"], false);
     assert_eq!(deleted_in_background(&stand_in).len(), 1);
     assert!(stand_in.job_names().is_empty());
 }
 
 #[tokio::test]
-async fn output_is_capped_and_flagged() {
+async fn output_is_capped_and_flagged_per_stream() {
     let (_, app) = started(config()).await;
-    let (status, _, answer) = call(&app, json!({"argv": ["yes"]})).await;
+    let (status, _, answer) = call(
+        &app,
+        json!({"argv": ["sh", "-c", "seq 1 2000; seq 1 10 >&2"]}),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["stdout"].as_str().unwrap().len(), 1000);
     assert_eq!(answer["stdout_truncated"], true);
+    assert_eq!(answer["stderr"], "1\n2\n3\n4\n5\n6\n7\n8\n9\n10\n");
+    assert_eq!(answer["stderr_truncated"], false);
+    let (_, _, answer) = call(&app, json!({"argv": ["sh", "-c", "seq 1 2000 >&2"]})).await;
+    assert_eq!(answer["stderr"].as_str().unwrap().len(), 1000);
+    assert_eq!(
+        (
+            answer["stderr_truncated"].clone(),
+            answer["stdout_truncated"].clone()
+        ),
+        (json!(true), json!(false))
+    );
     assert_eq!(answer["exit_code"], 0);
+}
+
+#[tokio::test]
+async fn a_command_killed_by_a_signal_reports_it() {
+    let (_, app) = started(config()).await;
+    for (signal, name) in [(15, "TERM"), (9, "KILL")] {
+        let script = format!("echo before; kill -{name} $$");
+        let (status, _, answer) = call(&app, json!({"argv": ["sh", "-c", script]})).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["exit_code"], Value::Null, "{answer}");
+        assert_eq!(answer["signal"], signal);
+        assert_eq!(answer["stdout"], "before\n");
+        assert_eq!(answer["timed_out"], false);
+    }
 }
 
 #[tokio::test]
 async fn a_program_that_cannot_start_gets_400_and_its_job_is_deleted() {
     let (stand_in, app) = started(config()).await;
-    let (status, _, answer) = call(&app, json!({"argv": ["missing"]})).await;
+    let (status, _, answer) = call(&app, json!({"argv": ["no-such-program"]})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
     let error = answer["error"].as_str().unwrap();
-    assert!(error.contains("cannot start \"missing\""), "{error}");
-    assert!(error.contains("executable file not found"), "{error}");
+    assert!(
+        error.contains("cannot start \"no-such-program\": No such file"),
+        "{error}"
+    );
     eventually("job deleted", || stand_in.job_names().is_empty()).await;
     assert_eq!(deleted_in_background(&stand_in).len(), 1);
 }
 
 #[tokio::test]
-async fn a_command_past_its_deadline_answers_timed_out() {
+async fn the_runner_stops_a_command_at_its_limit_and_keeps_its_output() {
+    let (_, app) = started(config()).await;
+    // 1.2 s for the command, 2 s for the Job: the runner's limit comes first.
+    let (status, _, answer) = call(
+        &app,
+        json!({"argv": ["sh", "-c", "echo started; exec sleep 60"], "timeout_ms": 1200}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["timed_out"], true);
+    assert_eq!(answer["signal"], 9);
+    assert_eq!(answer["stdout"], "started\n");
+    assert!(answer.get("note").is_none(), "{answer}");
+}
+
+#[tokio::test]
+async fn a_command_past_the_jobs_deadline_answers_timed_out() {
     let (stand_in, app) = started(config()).await;
     let started = Instant::now();
     let (status, _, answer) =
@@ -219,8 +323,13 @@ async fn a_command_past_its_deadline_answers_timed_out() {
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["timed_out"], true);
     assert_eq!(answer["exit_code"], Value::Null);
+    let note = answer["note"].as_str().unwrap();
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        note.contains("went with its pod at the job's deadline"),
+        "{note}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
         "{:?}",
         started.elapsed()
     );
@@ -234,13 +343,42 @@ async fn a_command_past_its_deadline_answers_timed_out() {
 
 #[tokio::test]
 async fn an_image_that_cannot_be_pulled_gets_502_before_the_deadline() {
-    let (stand_in, app) = started(config()).await;
-    let started = Instant::now();
-    let (status, _, answer) = call(&app, json!({"argv": ["badimage"], "timeout_ms": 30_000})).await;
+    for (tools, runner, container) in [
+        ("registry.example.com/nope:1", RUNNER_IMAGE, "exec"),
+        (
+            "registry.example.com/tools:1",
+            "registry.example.com/nope:2",
+            "agentvm-runner",
+        ),
+    ] {
+        let mut config = config();
+        config.template.image = tools.into();
+        config.template.runner_image = runner.into();
+        let (stand_in, app) = started(config).await;
+        let started = Instant::now();
+        let (status, _, answer) = call(&app, json!({"argv": ["true"], "timeout_ms": 30_000})).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{answer}");
+        let error = answer["error"].as_str().unwrap();
+        let expected = format!("container {container} cannot start: ImagePullBackOff");
+        assert!(error.contains(&expected), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        eventually("job deleted", || stand_in.job_names().is_empty()).await;
+    }
+}
+
+#[tokio::test]
+async fn a_runner_image_without_the_runner_gets_502_naming_the_init_container() {
+    let mut config = config();
+    config.template.runner_image = "registry.example.com/tools:1".into();
+    let (stand_in, app) = started(config).await;
+    let (status, _, answer) = call(&app, json!({"argv": ["true"]})).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{answer}");
     let error = answer["error"].as_str().unwrap();
-    assert!(error.contains("cannot start: ImagePullBackOff"), "{error}");
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        error.contains("init container agentvm-runner: 128 StartError")
+            && error.contains("\"agentvm-sidecar\": executable file not found"),
+        "{error}"
+    );
     eventually("job deleted", || stand_in.job_names().is_empty()).await;
 }
 
@@ -251,12 +389,17 @@ async fn a_job_never_reported_on_is_given_up_after_the_slack() {
         ..config()
     };
     let (stand_in, app) = started(config).await;
+    stand_in.stop_controller();
     let started = Instant::now();
-    let (status, _, answer) = call(&app, json!({"argv": ["stall"], "timeout_ms": 500})).await;
+    let (status, _, answer) = call(&app, json!({"argv": ["true"], "timeout_ms": 500})).await;
     let took = started.elapsed();
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["timed_out"], true);
     assert_eq!(answer["exit_code"], Value::Null);
+    assert!(
+        answer["note"].as_str().unwrap().contains("deadline"),
+        "{answer}"
+    );
     assert!(
         took >= Duration::from_millis(800) && took < Duration::from_secs(2),
         "{took:?}"
@@ -284,9 +427,9 @@ async fn a_full_dispatcher_answers_429_with_retry_after() {
     let (stand_in, app) = started(config).await;
     let busy = {
         let app = app.clone();
-        tokio::spawn(
-            async move { call(&app, json!({"argv": ["sleep"], "timeout_ms": 1000})).await },
-        )
+        tokio::spawn(async move {
+            call(&app, json!({"argv": ["sleep", "0.5"], "timeout_ms": 3000})).await
+        })
     };
     eventually("first job created", || !stand_in.job_names().is_empty()).await;
     let (status, retry, answer) = call(&app, json!({"argv": ["echo", "x"]})).await;
@@ -308,10 +451,6 @@ async fn a_full_dispatcher_answers_429_with_retry_after() {
 async fn bad_requests_get_400_or_413_and_create_nothing() {
     let (stand_in, app) = started(config()).await;
     for (body, reason) in [
-        (
-            json!({"argv": ["cat"], "stdin": "x"}),
-            "stdin is not supported",
-        ),
         (json!({"argv": []}), "argv must name a program"),
         (
             json!({"argv": ["ls"], "cwd": "../etc"}),
@@ -328,21 +467,41 @@ async fn bad_requests_get_400_or_413_and_create_nothing() {
     let large = json!({"argv": ["echo", "x".repeat(5000)]}).to_string();
     assert_eq!(call_raw(&app, large).await.0, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(stand_in.store.lock().unwrap().created.is_empty());
+
+    // More stdin than a Secret holds, within a body limit that lets it through.
+    let config = DispatchConfig {
+        max_body_bytes: 2 << 20,
+        ..config()
+    };
+    let (stand_in, app) = started(config).await;
+    let stdin = "x".repeat((1 << 20) + 1);
+    let (status, _, answer) = call(&app, json!({"argv": ["cat"], "stdin": stdin})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(answer["error"]
+        .as_str()
+        .unwrap()
+        .contains("stdin is larger than 1048576 bytes"));
+    assert!(stand_in.store.lock().unwrap().created.is_empty());
 }
 
 #[tokio::test]
-async fn a_client_that_hangs_up_leaves_no_job() {
+async fn a_client_that_hangs_up_leaves_no_job_and_no_secret() {
     let (stand_in, app) = started(config()).await;
     let request = {
         let app = app.clone();
-        tokio::spawn(
-            async move { call(&app, json!({"argv": ["sleep"], "timeout_ms": 30_000})).await },
-        )
+        tokio::spawn(async move {
+            call(
+                &app,
+                json!({"argv": ["sleep", "30"], "stdin": "x", "timeout_ms": 30_000}),
+            )
+            .await
+        })
     };
-    eventually("job created", || !stand_in.job_names().is_empty()).await;
+    eventually("secret created", || !stand_in.secret_names().is_empty()).await;
     request.abort();
     eventually("job deleted", || stand_in.job_names().is_empty()).await;
     assert_eq!(deleted_in_background(&stand_in).len(), 1);
+    assert!(stand_in.secret_names().is_empty(), "collected with its Job");
 }
 
 #[tokio::test]
@@ -350,9 +509,9 @@ async fn a_job_deleted_by_someone_else_answers_502() {
     let (stand_in, app) = started(config()).await;
     let request = {
         let app = app.clone();
-        tokio::spawn(
-            async move { call(&app, json!({"argv": ["sleep"], "timeout_ms": 30_000})).await },
-        )
+        tokio::spawn(async move {
+            call(&app, json!({"argv": ["sleep", "30"], "timeout_ms": 30_000})).await
+        })
     };
     eventually("job created", || !stand_in.job_names().is_empty()).await;
     let name = stand_in.job_names()[0].clone();
@@ -361,6 +520,23 @@ async fn a_job_deleted_by_someone_else_answers_502() {
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{answer}");
     let error = answer["error"].as_str().unwrap();
     assert!(error.contains("was deleted before it finished"), "{error}");
+}
+
+#[tokio::test]
+async fn a_dispatcher_that_may_not_create_secrets_answers_502_and_leaves_no_job() {
+    let (stand_in, app) = started(config()).await;
+    stand_in.forbid_secrets();
+    let (status, _, answer) = call(&app, json!({"argv": ["cat"], "stdin": "x"})).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(
+        error.contains("refused to create a secret") && error.contains("403"),
+        "{error}"
+    );
+    eventually("job deleted", || stand_in.job_names().is_empty()).await;
+    // Without stdin no Secret is needed.
+    let (status, _, answer) = call(&app, json!({"argv": ["true"]})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
 }
 
 #[tokio::test]
@@ -503,6 +679,7 @@ mod binary {
             .env("AGENTVM_POD_NAMESPACE", NAMESPACE)
             .env("AGENTVM_POD_NAME", DISPATCHER)
             .env("AGENTVM_DISPATCH_IMAGE", "registry.example.com/tools:1")
+            .env("AGENTVM_DISPATCH_RUNNER_IMAGE", RUNNER_IMAGE)
             .env("AGENTVM_GRACE_PERIOD", "1")
             .env("AGENTVM_LOG_LEVEL", "error")
             .stdout(Stdio::null())
@@ -558,12 +735,18 @@ mod binary {
         );
         assert_eq!(deleted_in_background(&stand_in), ["agentvm-exec-old"]);
 
-        let (status, body) = http(port, "POST", "/v1/exec", r#"{"argv":["echo","hi"]}"#)
-            .await
-            .unwrap();
+        let (status, body) = http(
+            port,
+            "POST",
+            "/v1/exec",
+            r#"{"argv":["sh","-c","cat; echo err >&2"],"stdin":"hi\n"}"#,
+        )
+        .await
+        .unwrap();
         assert_eq!(status, 200, "{body}");
         let answer: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(answer["stdout"], "hi\n");
+        assert_eq!(answer["stderr"], "err\n");
 
         // A command still running when the grace period ends: its Job is deleted on the way out.
         let in_flight = tokio::spawn(async move {
@@ -571,7 +754,7 @@ mod binary {
                 port,
                 "POST",
                 "/v1/exec",
-                r#"{"argv":["sleep"],"timeout_ms":60000}"#,
+                r#"{"argv":["sleep","60"],"timeout_ms":60000}"#,
             )
             .await
         });
@@ -602,6 +785,7 @@ mod binary {
         let api: SocketAddr = "127.0.0.1:9".parse().unwrap();
         for unset in [
             "AGENTVM_DISPATCH_IMAGE",
+            "AGENTVM_DISPATCH_RUNNER_IMAGE",
             "AGENTVM_POD_NAMESPACE",
             "AGENTVM_POD_NAME",
         ] {
@@ -613,10 +797,13 @@ mod binary {
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(stderr.contains("must be"), "{unset}: {stderr}");
         }
-        let out = command(api, free_port())
-            .args(["--cpu", "lots"])
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(64));
+        for bad in [
+            ["--cpu", "lots"],
+            ["--workdir", "/tmp/work"],
+            ["--workdir", "/agentvm"],
+        ] {
+            let out = command(api, free_port()).args(bad).output().unwrap();
+            assert_eq!(out.status.code(), Some(64), "{bad:?}");
+        }
     }
 }

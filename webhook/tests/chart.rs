@@ -259,6 +259,7 @@ fn non_default_render_is_valid() {
         "AGENTVM_POD_NAME",
         "AGENTVM_POD_NAMESPACE",
         "AGENTVM_DISPATCH_IMAGE",
+        "AGENTVM_DISPATCH_RUNNER_IMAGE",
     ] {
         assert!(
             env.contains(name),
@@ -267,6 +268,14 @@ fn non_default_render_is_valid() {
     }
     let role = find(&objects, "Role", "agentvm-dispatcher");
     assert_eq!(role["metadata"]["namespace"], "team-b");
+    let secrets: Vec<&Value> = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["resources"] == json!(["secrets"]))
+        .collect();
+    assert_eq!(secrets.len(), 1);
+    assert_eq!(secrets[0]["verbs"], json!(["create"]), "never read");
     assert!(objects.iter().any(|o| o["kind"] == "Certificate"));
     let mutating = find(&objects, "MutatingWebhookConfiguration", "t-agentvm");
     assert_eq!(

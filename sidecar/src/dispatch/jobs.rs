@@ -1,5 +1,6 @@
-//! What the dispatcher asks of the Kubernetes API: create a Job, watch it to its end, read its
-//! pod's exit code and log, delete it. Every call is bounded by a time limit.
+//! What the dispatcher asks of the Kubernetes API: create a Job (and the Secret of its standard
+//! input), watch it to its end, read its pod's exit code and log, delete it. Every call is
+//! bounded by a time limit.
 
 use std::future::Future;
 use std::time::Duration;
@@ -7,12 +8,12 @@ use std::time::Duration;
 use futures_util::io::AsyncReadExt;
 use futures_util::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Secret};
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams, WatchEvent, WatchParams};
 use kube::Api;
 use tokio::time::Instant;
 
-use super::job::{CONTAINER, JOB_NAME_LABEL};
+use super::job::{CONTAINER, JOB_NAME_LABEL, RUNNER_CONTAINER};
 
 /// The longest a single watch request asks the API server to stay open, in seconds.
 const MAX_WATCH_SECS: u64 = 290;
@@ -71,8 +72,10 @@ pub enum JobEnd {
     DeadlineExceeded,
     /// Condition `Failed` for another reason (the command failed or could not start).
     Failed(String),
-    /// The container waits for something that will not come (an image that cannot be pulled).
+    /// A container waits for something that will not come (an image that cannot be pulled).
     Stuck {
+        /// The container (the runner's init container or the command's).
+        container: String,
         /// The waiting reason (`ImagePullBackOff`, ...).
         reason: String,
         /// The kubelet's message.
@@ -95,6 +98,8 @@ pub struct Terminated {
     pub reason: String,
     /// Message of the runtime (why a container could not start).
     pub message: String,
+    /// How the runner's init container failed, when it did.
+    pub runner_install: Option<String>,
 }
 
 /// The Jobs and pods of one namespace.
@@ -102,6 +107,7 @@ pub struct Terminated {
 pub struct Jobs {
     jobs: Api<Job>,
     pods: Api<Pod>,
+    secrets: Api<Secret>,
     api_timeout: Duration,
 }
 
@@ -118,7 +124,8 @@ impl Jobs {
     pub fn new(client: kube::Client, namespace: &str, api_timeout: Duration) -> Self {
         Self {
             jobs: Api::namespaced(client.clone(), namespace),
-            pods: Api::namespaced(client, namespace),
+            pods: Api::namespaced(client.clone(), namespace),
+            secrets: Api::namespaced(client, namespace),
             api_timeout,
         }
     }
@@ -155,6 +162,16 @@ impl Jobs {
             self.jobs.create(&PostParams::default(), job),
         )
         .await
+    }
+
+    /// Creates `secret` (the standard input of a Job, owned by it).
+    pub async fn create_secret(&self, secret: &Secret) -> Result<(), ApiError> {
+        self.bounded(
+            "create a secret",
+            self.secrets.create(&PostParams::default(), secret),
+        )
+        .await
+        .map(drop)
     }
 
     /// Waits until the Job `name` ends, watching from `version`; `None` when `bound` passed
@@ -254,7 +271,8 @@ impl Jobs {
         Ok(ended.or_else(|| pods.items.iter().find_map(state_of)))
     }
 
-    /// The container log of `pod`: at most `cap` bytes, and whether there was more.
+    /// The log of the command's container in `pod`: at most `cap` bytes, and whether there
+    /// was more.
     pub async fn log(&self, pod: &str, cap: usize) -> Result<(Vec<u8>, bool), ApiError> {
         let params = LogParams {
             container: Some(CONTAINER.to_owned()),
@@ -333,38 +351,54 @@ async fn next_or_pending<S: futures_util::Stream + Unpin>(
     }
 }
 
-/// The command's container waits for something that will not come.
+/// A container of the pod (the runner's init container or the command's) waits for something
+/// that will not come.
 fn stuck(pod: &Pod) -> Option<JobEnd> {
-    let waiting = pod
-        .status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .iter()
-        .find(|s| s.name == CONTAINER)?
-        .state
-        .as_ref()?
-        .waiting
-        .as_ref()?;
-    let reason = waiting.reason.clone().unwrap_or_default();
-    STUCK.contains(&reason.as_str()).then(|| JobEnd::Stuck {
-        reason,
-        message: waiting.message.clone().unwrap_or_default(),
-    })
+    let status = pod.status.as_ref()?;
+    let init = status.init_container_statuses.iter().flatten();
+    let main = status.container_statuses.iter().flatten();
+    init.chain(main)
+        .filter(|s| s.name == RUNNER_CONTAINER || s.name == CONTAINER)
+        .find_map(|s| {
+            let waiting = s.state.as_ref()?.waiting.as_ref()?;
+            let reason = waiting.reason.clone().unwrap_or_default();
+            STUCK.contains(&reason.as_str()).then(|| JobEnd::Stuck {
+                container: s.name.clone(),
+                reason,
+                message: waiting.message.clone().unwrap_or_default(),
+            })
+        })
 }
 
 fn state_of(pod: &Pod) -> Option<Terminated> {
     let name = pod.metadata.name.clone()?;
-    let terminated = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|all| all.iter().find(|s| s.name == CONTAINER))
-        .and_then(|s| s.state.as_ref())
-        .and_then(|s| s.terminated.as_ref());
-    let Some(t) = terminated else {
+    let status = pod.status.as_ref();
+    let terminated = |statuses: Option<&Vec<ContainerStatus>>, container: &str| {
+        statuses
+            .and_then(|all| all.iter().find(|s| s.name == container))
+            .and_then(|s| s.state.as_ref())
+            .and_then(|s| s.terminated.clone())
+    };
+    let runner_install = terminated(
+        status.and_then(|s| s.init_container_statuses.as_ref()),
+        RUNNER_CONTAINER,
+    )
+    .filter(|t| t.exit_code != 0)
+    .map(|t| {
+        format!(
+            "{} {}: {}",
+            t.exit_code,
+            t.reason.unwrap_or_default(),
+            t.message.unwrap_or_default()
+        )
+    });
+    let Some(t) = terminated(
+        status.and_then(|s| s.container_statuses.as_ref()),
+        CONTAINER,
+    ) else {
         return Some(Terminated {
             pod: name,
+            runner_install,
             ..Terminated::default()
         });
     };
@@ -373,8 +407,9 @@ fn state_of(pod: &Pod) -> Option<Terminated> {
         ended: true,
         exit_code: Some(t.exit_code),
         signal: t.signal,
-        reason: t.reason.clone().unwrap_or_default(),
-        message: t.message.clone().unwrap_or_default(),
+        reason: t.reason.unwrap_or_default(),
+        message: t.message.unwrap_or_default(),
+        runner_install,
     })
 }
 
@@ -429,7 +464,45 @@ mod tests {
         let state = state_of(&pod).unwrap();
         assert_eq!((state.ended, state.exit_code), (true, Some(2)));
         assert_eq!(state.reason, "Error");
+        assert_eq!(state.runner_install, None);
         let running: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}})).unwrap();
         assert!(!state_of(&running).unwrap().ended);
+        let no_runner: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}, "status": {
+            "initContainerStatuses": [
+                {"name": "agentvm-runner", "image": "i", "imageID": "", "ready": false,
+                 "restartCount": 0, "state": {"terminated": {"exitCode": 128,
+                    "reason": "StartError", "message": "not found"}}}],
+            "containerStatuses": [
+                {"name": "exec", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                 "state": {"waiting": {"reason": "PodInitializing"}}}]}}))
+        .unwrap();
+        let state = state_of(&no_runner).unwrap();
+        assert!(!state.ended);
+        assert_eq!(
+            state.runner_install.as_deref(),
+            Some("128 StartError: not found")
+        );
+        assert_eq!(stuck(&no_runner), None);
+    }
+
+    #[test]
+    fn a_container_stuck_on_its_image_is_found_init_containers_too() {
+        let pod = |field: &str, name: &str| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p"}, "status": {field: [
+                {"name": name, "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                 "state": {"waiting": {"reason": "ImagePullBackOff", "message": "nope"}}}]}}))
+            .unwrap()
+        };
+        let end = |container: &str| JobEnd::Stuck {
+            container: container.into(),
+            reason: "ImagePullBackOff".into(),
+            message: "nope".into(),
+        };
+        assert_eq!(
+            stuck(&pod("initContainerStatuses", "agentvm-runner")),
+            Some(end("agentvm-runner"))
+        );
+        assert_eq!(stuck(&pod("containerStatuses", "exec")), Some(end("exec")));
+        assert_eq!(stuck(&pod("containerStatuses", "other")), None);
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTP face of the dispatcher: the exec server's `POST /v1/exec`, `GET /v1/health` and
-//! `GET /healthz`, each exec request run as one Job.
+//! `GET /healthz`, each exec request run as one Job, answered from the runner's report in the
+//! pod's log.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,15 +16,18 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tracing::{field, Instrument};
 
-use super::job::{PlanError, Template};
+use super::job::{PlanError, Template, NAME_PREFIX, RUNNER_CONTAINER};
 use super::jobs::{ApiError, JobEnd, Jobs, Terminated};
 use crate::exec::command::ExecRequest;
+use crate::exec::report::{self, NotStarted, Report};
 use crate::exec::server::{
     error_response, read_body, record_answer, record_failure, ExecError, ExecResponse,
 };
 
-/// Container termination reasons that mean the program never ran.
+/// Container termination reasons that mean the runner never ran.
 const START_FAILURES: [&str; 2] = ["StartError", "ContainerCannotRun"];
+/// Room in the log read for what the runner writes besides its report (its own warnings).
+const LOG_SLACK_BYTES: usize = 64 * 1024;
 
 /// Everything the dispatcher needs, already checked.
 #[derive(Debug, Clone)]
@@ -33,8 +37,6 @@ pub struct DispatchConfig {
     /// Time allowed past a command's time limit for the Job controller to report the end;
     /// after it the dispatcher answers `timed_out` and deletes the Job itself.
     pub wait_slack: Duration,
-    /// Cap on the output, in bytes.
-    pub max_output_bytes: usize,
     /// Request body limit, in bytes.
     pub max_body_bytes: usize,
     /// Jobs running at once; more get HTTP 429.
@@ -107,14 +109,19 @@ pub enum DispatchError {
     /// Every slot is taken.
     #[error("too many commands running, retry later")]
     Busy,
-    /// The program could not be started in the Job's container.
+    /// The runner could not start the program (its report says why).
     #[error("cannot start {program:?}: {message}")]
     Start {
         /// `argv[0]`.
         program: String,
-        /// The container runtime's reason and message.
+        /// Why, in short.
+        reason: NotStarted,
+        /// The system's message.
         message: String,
     },
+    /// The runner itself could not start in the Job's container.
+    #[error("the job's runner could not start: {0}")]
+    RunnerStart(String),
     /// The Job failed without a container that ended (evicted, for instance).
     #[error("job {job} failed ({reason}) before its command ended")]
     NoOutcome {
@@ -123,17 +130,23 @@ pub enum DispatchError {
         /// The Job's failure reason.
         reason: String,
     },
-    /// The Job's container cannot start (an image that cannot be pulled, for instance).
-    #[error("the job's container cannot start: {reason}: {message}")]
+    /// A container of the Job cannot start (an image that cannot be pulled, for instance).
+    #[error("the job's container {container} cannot start: {reason}: {message}")]
     Stuck {
+        /// The container.
+        container: String,
         /// The kubelet's waiting reason.
         reason: String,
         /// The kubelet's message.
         message: String,
     },
-    /// The Job could not be built (a bug: the template does not deserialise).
+    /// The Job or its Secret could not be built (a bug: the template does not deserialise, or
+    /// the API server's answer lacks the Job's name or uid).
     #[error("cannot build the job: {0}")]
     Build(#[source] serde_json::Error),
+    /// No random name for the stdin Secret: the system's random source failed.
+    #[error("cannot name the job's stdin secret: no random bytes")]
+    NoRandom,
     /// A call to the Kubernetes API failed.
     #[error(transparent)]
     Api(#[from] ApiError),
@@ -144,14 +157,21 @@ impl DispatchError {
     pub fn status(&self) -> StatusCode {
         match self {
             DispatchError::Body(e) => e.status(),
-            DispatchError::Json(_) | DispatchError::Plan(_) | DispatchError::Start { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            DispatchError::Json(_) | DispatchError::Plan(_) => StatusCode::BAD_REQUEST,
+            // The caller named a program that is not there or not runnable.
+            DispatchError::Start {
+                reason: NotStarted::NotFound | NotStarted::PermissionDenied,
+                ..
+            } => StatusCode::BAD_REQUEST,
+            DispatchError::Start {
+                reason: NotStarted::Other,
+                ..
+            } => StatusCode::BAD_GATEWAY,
             DispatchError::Busy => StatusCode::TOO_MANY_REQUESTS,
-            DispatchError::Build(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            DispatchError::NoOutcome { .. } | DispatchError::Stuck { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            DispatchError::Build(_) | DispatchError::NoRandom => StatusCode::INTERNAL_SERVER_ERROR,
+            DispatchError::NoOutcome { .. }
+            | DispatchError::Stuck { .. }
+            | DispatchError::RunnerStart(_) => StatusCode::BAD_GATEWAY,
             DispatchError::Api(ApiError::Refused { .. } | ApiError::Vanished(_)) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -169,9 +189,10 @@ impl DispatchError {
             }
             DispatchError::Busy => "busy",
             DispatchError::Start { .. } => "spawn_failed",
+            DispatchError::RunnerStart(_) => "runner_failed",
             DispatchError::NoOutcome { .. } => "no_outcome",
             DispatchError::Stuck { .. } => "not_started",
-            DispatchError::Build(_) => "internal",
+            DispatchError::Build(_) | DispatchError::NoRandom => "internal",
             DispatchError::Api(_) => "api_failed",
         }
     }
@@ -269,12 +290,16 @@ async fn handle(
     let program = request.argv.first().cloned().unwrap_or_default();
     // The program only: arguments may carry secrets.
     span.record("exec.program", program.as_str());
-    let plan = config.template.plan(request)?;
+    let template = &config.template;
+    let plan = template.plan(request)?;
     span.record("exec.timeout_ms", plan.timeout.as_millis() as u64);
     let request_id = format!("{}-{id}", state.epoch);
-    let job = config
-        .template
-        .job(&plan, &request_id)
+    let stdin_secret = match plan.stdin {
+        Some(_) => Some(secret_name()?),
+        None => None,
+    };
+    let job = template
+        .job(&plan, &request_id, stdin_secret.as_deref())
         .map_err(DispatchError::Build)?;
     let _slot = state
         .slots
@@ -290,7 +315,7 @@ async fn handle(
                 // The API server may have created the Job without the answer reaching us, or
                 // may still: look for it once the create would have been answered.
                 let jobs = state.jobs.clone();
-                let selector = config.template.request_selector(&request_id);
+                let selector = template.request_selector(&request_id);
                 tokio::spawn(async move {
                     tokio::time::sleep(jobs.api_timeout()).await;
                     if let Err(e) = jobs.delete_all(&selector).await {
@@ -307,63 +332,72 @@ async fn handle(
         jobs: state.jobs.clone(),
         name: Some(name.clone()),
     };
-    let version = created.metadata.resource_version.unwrap_or_default();
+    if let (Some(secret), Some(stdin)) = (&stdin_secret, &plan.stdin) {
+        // Created after the Job, to be owned by it; the kubelet waits for it to mount it.
+        let secret = template
+            .stdin_secret(secret, &created, &request_id, stdin)
+            .map_err(DispatchError::Build)?;
+        state.jobs.create_secret(&secret).await?;
+    }
+    let version = created
+        .metadata
+        .resource_version
+        .clone()
+        .unwrap_or_default();
     let end = state
         .jobs
         .wait(&name, version, plan.timeout + config.wait_slack)
         .await?;
     let duration = started.elapsed();
-    if let Some(JobEnd::Stuck { reason, message }) = end {
+    if let Some(JobEnd::Stuck {
+        container,
+        reason,
+        message,
+    }) = end
+    {
         // Dropping `cleanup` deletes the Job.
-        return Err(DispatchError::Stuck { reason, message });
+        return Err(DispatchError::Stuck {
+            container,
+            reason,
+            message,
+        });
     }
     let container = state.jobs.terminated(&name).await?;
-    let timed_out = matches!(end, None | Some(JobEnd::DeadlineExceeded));
-    let mut answer = ExecResponse {
-        exit_code: None,
-        signal: None,
-        stdout: String::new(),
-        stderr: String::new(),
-        stdout_truncated: false,
-        stderr_truncated: false,
-        timed_out,
-        duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-        note: None,
-    };
+    let job_timed_out = matches!(end, None | Some(JobEnd::DeadlineExceeded));
     match (&end, &container) {
         (_, Some(c)) if c.ended && START_FAILURES.contains(&c.reason.as_str()) => {
-            return Err(DispatchError::Start {
-                program,
-                message: format!("{}: {}", c.reason, c.message),
-            });
+            return Err(DispatchError::RunnerStart(format!(
+                "{}: {}",
+                c.reason, c.message
+            )));
         }
         (Some(JobEnd::Failed(reason)), c) if !c.as_ref().is_some_and(|c| c.ended) => {
-            return Err(DispatchError::NoOutcome {
-                job: name,
-                reason: reason.clone(),
-            });
+            let reason = match c.as_ref().and_then(|c| c.runner_install.as_ref()) {
+                Some(install) => format!("{reason}; init container {RUNNER_CONTAINER}: {install}"),
+                None => reason.clone(),
+            };
+            return Err(DispatchError::NoOutcome { job: name, reason });
         }
         _ => {}
     }
-    if end == Some(JobEnd::Complete) {
-        // What the container reports, below; exit 0 is what `Complete` means.
-        answer.exit_code = Some(0);
-    }
-    if let Some(c) = &container {
-        if c.ended && !timed_out {
-            (answer.exit_code, answer.signal) = exit_of(c);
-        }
-        let log = state.jobs.log(&c.pod, config.max_output_bytes).await;
-        match log {
-            Ok((bytes, truncated)) => {
-                answer.stdout = String::from_utf8_lossy(&bytes).into_owned();
-                answer.stdout_truncated = truncated;
+    let cap = template.max_output_bytes;
+    let log = match &container {
+        Some(c) => {
+            let limit = report::max_line_bytes(cap).saturating_add(LOG_SLACK_BYTES);
+            match state.jobs.log(&c.pod, limit).await {
+                Ok(log) => Some(log),
+                // Past the deadline the Job controller deletes the pod: its log may be gone.
+                Err(e) if job_timed_out => {
+                    tracing::debug!(error = %e, "no log after the deadline");
+                    None
+                }
+                Err(e) => return Err(e.into()),
             }
-            // Past the deadline the Job controller deletes the pod: its log may be gone.
-            Err(e) if timed_out => tracing::debug!(error = %e, "no log after the deadline"),
-            Err(e) => return Err(e.into()),
         }
-    }
+        None => None,
+    };
+    let mut answer = answer(&end, container.as_ref(), log, cap, &program, duration)?;
+    answer.timed_out |= job_timed_out;
     if let Some(name) = cleanup.disarm() {
         if let Err(e) = state.jobs.delete(&name).await {
             // The result is known; ttlSecondsAfterFinished removes the Job later.
@@ -373,11 +407,223 @@ async fn handle(
     Ok(answer)
 }
 
+/// A random name for the Secret of a Job's standard input. It must be known before the Job is
+/// created (the pod mounts it), when the Job's own generated name is not.
+fn secret_name() -> Result<String, DispatchError> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| DispatchError::NoRandom)?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("{NAME_PREFIX}stdin-{hex}"))
+}
+
+/// The answer from what is left of a Job: the runner's report in its log when there is one,
+/// else the container's status and the plain log (`elapsed` as the duration), with a note
+/// saying so.
+fn answer(
+    end: &Option<JobEnd>,
+    container: Option<&Terminated>,
+    log: Option<(Vec<u8>, bool)>,
+    cap: usize,
+    program: &str,
+    elapsed: Duration,
+) -> Result<ExecResponse, DispatchError> {
+    let report = log.as_ref().map(|(bytes, _)| Report::find(bytes));
+    match report {
+        Some(Ok(Report::Ran(outcome))) => {
+            let mut answer = ExecResponse::from(outcome);
+            // The runner caps its output; a report that does not is cut here.
+            for (text, truncated) in [
+                (&mut answer.stdout, &mut answer.stdout_truncated),
+                (&mut answer.stderr, &mut answer.stderr_truncated),
+            ] {
+                if text.len() > cap {
+                    let mut end = cap;
+                    while !text.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    text.truncate(end);
+                    *truncated = true;
+                }
+            }
+            return Ok(answer);
+        }
+        Some(Ok(Report::NotStarted { reason, message })) => {
+            return Err(DispatchError::Start {
+                program: program.to_owned(),
+                reason,
+                message,
+            });
+        }
+        _ => {}
+    }
+    let mut answer = ExecResponse {
+        exit_code: None,
+        signal: None,
+        stdout: String::new(),
+        stderr: String::new(),
+        stdout_truncated: false,
+        stderr_truncated: false,
+        timed_out: false,
+        duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+        note: None,
+    };
+    if *end == Some(JobEnd::Complete) {
+        // What the container reports, below; exit 0 is what `Complete` means.
+        answer.exit_code = Some(0);
+    }
+    let job_timed_out = matches!(end, None | Some(JobEnd::DeadlineExceeded));
+    if let Some(c) = container.filter(|c| c.ended && !job_timed_out) {
+        (answer.exit_code, answer.signal) = exit_of(c);
+    }
+    answer.note = Some(match (report, log) {
+        (Some(Err(e)), Some((bytes, truncated))) => {
+            let kept = &bytes[..bytes.len().min(cap)];
+            answer.stdout = String::from_utf8_lossy(kept).into_owned();
+            answer.stdout_truncated = truncated || bytes.len() > cap;
+            format!(
+                "the job's runner left {e} in the pod's log; stdout holds the log, exit_code \
+                 the container's status"
+            )
+        }
+        _ if job_timed_out => {
+            "the command's output went with its pod at the job's deadline".to_owned()
+        }
+        _ => "the job's pod was gone before its log could be read".to_owned(),
+    });
+    Ok(answer)
+}
+
 /// Exit code and signal as the exec server reports them: a signal, when the runtime names one,
 /// replaces the exit code.
 fn exit_of(c: &Terminated) -> (Option<i32>, Option<i32>) {
     match c.signal {
         Some(signal) if signal != 0 => (None, Some(signal)),
         _ => (c.exit_code, None),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::exec::report::Outcome;
+
+    fn ended(exit_code: i32) -> Terminated {
+        Terminated {
+            pod: "p".into(),
+            ended: true,
+            exit_code: Some(exit_code),
+            reason: "Error".into(),
+            ..Terminated::default()
+        }
+    }
+
+    #[test]
+    fn the_report_in_the_log_is_the_answer() {
+        let report = Report::Ran(Outcome {
+            exit_code: None,
+            signal: Some(15),
+            stdout: b"out".to_vec(),
+            stderr: b"err".to_vec(),
+            stdout_truncated: false,
+            stderr_truncated: true,
+            timed_out: false,
+            duration_ms: 7,
+        });
+        let log = format!("a warning\n{}", report.line()).into_bytes();
+        let end = Some(JobEnd::Failed("BackoffLimitExceeded".into()));
+        let a = answer(
+            &end,
+            Some(&ended(143)),
+            Some((log, false)),
+            10,
+            "x",
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!((a.exit_code, a.signal), (None, Some(15)));
+        assert_eq!((a.stdout.as_str(), a.stderr.as_str()), ("out", "err"));
+        assert_eq!((a.stdout_truncated, a.stderr_truncated), (false, true));
+        assert_eq!((a.duration_ms, a.note), (7, None));
+
+        let not_started = Report::NotStarted {
+            reason: NotStarted::NotFound,
+            message: "No such file or directory (os error 2)".into(),
+        };
+        let log = not_started.line().into_bytes();
+        let e = answer(
+            &end,
+            Some(&ended(127)),
+            Some((log, false)),
+            10,
+            "x",
+            Duration::ZERO,
+        )
+        .unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            e.to_string(),
+            "cannot start \"x\": No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn a_log_without_a_report_is_answered_as_it_is_with_a_note() {
+        let end = Some(JobEnd::Failed("BackoffLimitExceeded".into()));
+        let log = b"agentvm-sidecar run: cannot become a child subreaper\n".to_vec();
+        let a = answer(
+            &end,
+            Some(&ended(125)),
+            Some((log, false)),
+            20,
+            "x",
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!(a.exit_code, Some(125));
+        assert_eq!(a.stdout, "agentvm-sidecar run:");
+        assert!(a.stdout_truncated);
+        let note = a.note.unwrap();
+        assert!(
+            note.contains("no report line") && note.contains("stdout holds the log"),
+            "{note}"
+        );
+
+        let report = Report::NotStarted {
+            reason: NotStarted::Other,
+            message: "m".into(),
+        };
+        let cut = report.line()[..30].to_owned();
+        let a = answer(
+            &end,
+            Some(&ended(1)),
+            Some((cut.into_bytes(), true)),
+            100,
+            "x",
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert!(a.note.unwrap().contains("unreadable report line"));
+    }
+
+    #[test]
+    fn no_log_at_the_deadline_or_after_completion_is_said_so() {
+        let a = answer(
+            &Some(JobEnd::DeadlineExceeded),
+            None,
+            None,
+            10,
+            "x",
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!((a.exit_code, a.signal), (None, None));
+        assert!(a.note.unwrap().contains("at the job's deadline"));
+        let a = answer(&Some(JobEnd::Complete), None, None, 10, "x", Duration::ZERO).unwrap();
+        assert_eq!(a.exit_code, Some(0));
+        assert!(a.note.unwrap().contains("gone before its log"));
     }
 }

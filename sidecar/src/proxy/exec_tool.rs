@@ -114,6 +114,10 @@ fn to_result(status: StatusCode, answer: &Value) -> Value {
         text.push_str("\n[stderr]\n");
         text.push_str(stderr);
     }
+    if let Some(note) = answer.get("note").and_then(Value::as_str) {
+        text.push_str("\n[note] ");
+        text.push_str(note);
+    }
     if timed_out {
         text.push_str("\n[killed at the time limit]");
     } else if exit != Some(0) {
@@ -151,6 +155,15 @@ mod tests {
         assert_eq!(
             failed["content"][0]["text"],
             "\n[stderr]\nno\n[exit status 2]"
+        );
+        let lost = to_result(
+            StatusCode::OK,
+            &json!({"exit_code": null, "stdout": "", "stderr": "", "timed_out": true,
+                "note": "output lost"}),
+        );
+        assert_eq!(
+            lost["content"][0]["text"],
+            "\n[note] output lost\n[killed at the time limit]"
         );
         let busy = to_result(StatusCode::TOO_MANY_REQUESTS, &json!({"error": "too many"}));
         assert_eq!(busy["isError"], true);

@@ -1,23 +1,16 @@
-//! A stand-in for the Kubernetes API server, the Job controller and the kubelet, as far as the
-//! dispatcher uses them: Jobs create (with `generateName`), get, list by label, delete (with a
-//! propagation policy) and watch (a chunked stream of JSON events); pods listed by label and
-//! their logs. A created Job "runs" the way its argv asks:
-//!
-//! - `echo ARGS...`: writes ARGS and a newline, exits 0;
-//! - `fail N`: writes `failing`, exits N;
-//! - `yes`: writes 5000 bytes, exits 0;
-//! - `missing`: the runtime cannot start it (`StartError`, exit code 128);
-//! - `sleep`: runs until `activeDeadlineSeconds`, then the Job fails with `DeadlineExceeded`
-//!   and its pod is deleted, as the Job controller does;
-//! - `stall`: starts and is never reported on again;
-//! - `badimage`: its image cannot be pulled (`ErrImagePull`, then `ImagePullBackOff`) until
-//!   the deadline.
-//!
-//! Each step takes `step` (50 ms by default).
+//! A stand-in for the Kubernetes API server, as far as the dispatcher uses it: Jobs create (with
+//! `generateName`), get, list by label, delete (with a propagation policy) and watch (a chunked
+//! stream of JSON events); Secrets create; pods listed and watched by label, and their logs. The
+//! Job controller, the garbage collector and the kubelet are in [`kubelet`]: a created Job gets a
+//! pod whose containers run as processes of this machine.
 #![allow(dead_code)]
+
+mod kubelet;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,7 +19,8 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
@@ -48,12 +42,16 @@ pub struct Store {
     pub rv: u64,
     pub jobs: BTreeMap<String, Value>,
     pub pods: BTreeMap<String, Value>,
-    pub logs: HashMap<String, Vec<u8>>,
+    pub secrets: BTreeMap<String, Value>,
+    /// The log file of each pod's `exec` container.
+    pub logs: HashMap<String, PathBuf>,
     /// Every Job as the client sent it.
     pub created: Vec<Value>,
+    /// Every Secret as the client sent it.
+    pub created_secrets: Vec<Value>,
     /// Every delete: the name and the DeleteOptions body.
     pub deleted: Vec<(String, Value)>,
-    /// Query strings of every watch.
+    /// Query strings of every watch of Jobs.
     pub watches: Vec<HashMap<String, String>>,
     /// Requests to paths the stand-in does not serve.
     pub unexpected: Vec<String>,
@@ -68,9 +66,34 @@ pub struct StandIn {
     pub watch_lifetime: Arc<Mutex<Option<Duration>>>,
     pub step: Duration,
     serial: Arc<Mutex<u64>>,
+    /// The Job controller is down: new Jobs get no pod and no status.
+    controller_down: Arc<AtomicBool>,
+    /// The client may not create Secrets (its Role lacks them).
+    secrets_forbidden: Arc<AtomicBool>,
+    /// Where the kubelet keeps pods' volumes and logs.
+    root: Arc<Root>,
+}
+
+/// A directory removed when the last clone of the stand-in (its kubelet's included) is gone.
+struct Root(PathBuf);
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl std::ops::Deref for Root {
+    type Target = PathBuf;
+
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
 }
 
 pub const NAMESPACE: &str = "agents";
+/// The most data a Secret holds.
+const MAX_SECRET_BYTES: usize = 1 << 20;
 
 fn status(code: u16, reason: &str, message: String) -> Response {
     (
@@ -92,6 +115,12 @@ fn selected(object: &Value, selector: Option<&String>) -> bool {
 
 impl StandIn {
     pub fn new() -> Self {
+        let serial = {
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            N.fetch_add(1, Ordering::Relaxed)
+        };
+        let root =
+            std::env::temp_dir().join(format!("agentvm-stand-in-{}-{serial}", std::process::id()));
         Self {
             store: Arc::default(),
             mode: Arc::new(Mutex::new(Mode::Normal)),
@@ -99,11 +128,24 @@ impl StandIn {
             watch_lifetime: Arc::default(),
             step: Duration::from_millis(50),
             serial: Arc::default(),
+            controller_down: Arc::default(),
+            secrets_forbidden: Arc::default(),
+            root: Arc::new(Root(root)),
         }
     }
 
     pub fn set_mode(&self, mode: Mode) {
         *self.mode.lock().unwrap() = mode;
+    }
+
+    /// Stops the Job controller: Jobs created from now on are never run or reported on.
+    pub fn stop_controller(&self) {
+        self.controller_down.store(true, Ordering::Relaxed);
+    }
+
+    /// Answers Secret creates with 403, as for a Role without them.
+    pub fn forbid_secrets(&self) {
+        self.secrets_forbidden.store(true, Ordering::Relaxed);
     }
 
     /// Serves on a free loopback port.
@@ -117,6 +159,7 @@ impl StandIn {
                 "/apis/batch/v1/namespaces/{ns}/jobs/{name}",
                 get(get_job).delete(delete_job),
             )
+            .route("/api/v1/namespaces/{ns}/secrets", post(create_secret))
             .route("/api/v1/namespaces/{ns}/pods", get(list_pods))
             .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(pod_log))
             .fallback(|State(s): State<StandIn>, request: Request| async move {
@@ -145,7 +188,8 @@ impl StandIn {
         store.jobs.insert(name.to_owned(), job);
     }
 
-    /// Deletes a Job behind the dispatcher's back, as `kubectl delete job` would.
+    /// Deletes a Job behind the dispatcher's back, as `kubectl delete job` would (its pods are
+    /// orphaned and keep running).
     pub fn remove_job(&self, name: &str) {
         let mut store = self.store.lock().unwrap();
         if let Some(job) = store.jobs.remove(name) {
@@ -155,6 +199,10 @@ impl StandIn {
 
     pub fn job_names(&self) -> Vec<String> {
         self.store.lock().unwrap().jobs.keys().cloned().collect()
+    }
+
+    pub fn secret_names(&self) -> Vec<String> {
+        self.store.lock().unwrap().secrets.keys().cloned().collect()
     }
 
     /// Applies `change` to the Job `name` (if it still exists), bumps its resource version and
@@ -172,122 +220,56 @@ impl StandIn {
         let _ = self.events.send(event);
     }
 
-    fn put_pod(&self, job: &str, pod: &str, container_state: Value, log: Option<Vec<u8>>) {
+    /// Applies `change` to the pod `name` (if it still exists), bumps its resource version and
+    /// tells the watches. Whether the pod exists.
+    fn update_pod(&self, name: &str, change: impl FnOnce(&mut Value)) -> bool {
+        let mut store = self.store.lock().unwrap();
+        store.rv += 1;
+        let rv = store.rv.to_string();
+        let Some(pod) = store.pods.get_mut(name) else {
+            return false;
+        };
+        change(pod);
+        pod["metadata"]["resourceVersion"] = json!(rv);
+        let event = json!({"type": "MODIFIED", "object": pod.clone()});
+        let _ = self.events.send(event);
+        true
+    }
+
+    /// Adds `pod` for the Job `job`, unless the Job is gone. Whether it was added.
+    fn add_pod(&self, job: &str, mut pod: Value) -> bool {
         let mut store = self.store.lock().unwrap();
         if !store.jobs.contains_key(job) {
-            return;
+            return false;
         }
         store.rv += 1;
-        let kind = if store.pods.contains_key(pod) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        let object = json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": pod, "namespace": NAMESPACE, "resourceVersion": store.rv.to_string(),
-                "labels": {"job-name": job, "batch.kubernetes.io/job-name": job}},
-            "spec": {"containers": [{"name": "exec", "image": "i"}]},
-            "status": {"phase": if container_state.get("terminated").is_some() { "Succeeded" } else { "Running" },
-                "containerStatuses": [{"name": "exec", "image": "i", "imageID": "", "ready": false,
-                    "restartCount": 0, "state": container_state}]}});
-        store.pods.insert(pod.to_owned(), object.clone());
-        let _ = self.events.send(json!({"type": kind, "object": object}));
-        if let Some(log) = log {
-            store.logs.insert(pod.to_owned(), log);
-        }
+        pod["metadata"]["resourceVersion"] = json!(store.rv.to_string());
+        let name = pod["metadata"]["name"].as_str().unwrap().to_owned();
+        store.pods.insert(name, pod.clone());
+        let _ = self.events.send(json!({"type": "ADDED", "object": pod}));
+        true
     }
 
-    /// The Job controller and kubelet at work on a new Job.
-    async fn run(self, name: String, argv: Vec<String>, deadline: u64) {
-        let pod = format!("{name}-p0d");
-        tokio::time::sleep(self.step).await;
-        self.update_job(&name, |j| {
-            j["status"] = json!({"active": 1, "startTime": "2026-12-04T18:00:00Z"});
-        });
-        self.put_pod(&name, &pod, json!({"running": {}}), None);
-        tokio::time::sleep(self.step).await;
-        let program = argv.first().map(String::as_str).unwrap_or_default();
-        let (code, reason, message, log) = match program {
-            "echo" => (
-                0,
-                "Completed",
-                "",
-                format!("{}\n", argv[1..].join(" ")).into_bytes(),
-            ),
-            "yes" => (0, "Completed", "", b"y\n".repeat(2500)),
-            "fail" => (argv[1].parse().unwrap(), "Error", "", b"failing\n".to_vec()),
-            "missing" => (
-                128,
-                "StartError",
-                "exec: \"missing\": executable file not found in $PATH",
-                Vec::new(),
-            ),
-            "badimage" => {
-                let waiting = |reason: &str| {
-                    json!({"waiting": {"reason": reason,
-                        "message": "Back-off pulling image \"registry.example.com/nope:1\""}})
-                };
-                self.put_pod(&name, &pod, waiting("ErrImagePull"), None);
-                tokio::time::sleep(self.step).await;
-                self.put_pod(&name, &pod, waiting("ImagePullBackOff"), None);
-                tokio::time::sleep(Duration::from_secs(deadline)).await;
-                self.fail(
-                    &name,
-                    "DeadlineExceeded",
-                    "Job was active longer than specified deadline",
-                )
-                .await;
-                return;
-            }
-            "sleep" => {
-                tokio::time::sleep(Duration::from_secs(deadline)).await;
-                self.fail(
-                    &name,
-                    "DeadlineExceeded",
-                    "Job was active longer than specified deadline",
-                )
-                .await;
-                return;
-            }
-            _ => return,
-        };
-        let terminated =
-            json!({"terminated": {"exitCode": code, "reason": reason, "message": message}});
-        self.put_pod(&name, &pod, terminated, Some(log));
-        if code == 0 {
-            self.update_job(&name, |j| {
-                j["status"] = json!({"succeeded": 1, "conditions": [
-                    {"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached"},
-                    {"type": "Complete", "status": "True", "reason": "CompletionsReached"}]});
-            });
-        } else {
-            self.fail(
-                &name,
-                "BackoffLimitExceeded",
-                "Job has reached the specified backoff limit",
-            )
-            .await;
-        }
+    fn pod_exists(&self, name: &str) -> bool {
+        self.store.lock().unwrap().pods.contains_key(name)
     }
 
-    /// A failing Job as the Job controller reports it: `FailureTarget` first, then `Failed`
-    /// once its pods are gone or terminated.
-    async fn fail(&self, name: &str, reason: &str, message: &str) {
-        let target = json!({"type": "FailureTarget", "status": "True", "reason": reason, "message": message});
-        self.update_job(name, |j| {
-            j["status"] = json!({"failed": 1, "conditions": [target.clone()]});
-        });
-        tokio::time::sleep(self.step).await;
-        if reason == "DeadlineExceeded" {
-            let mut store = self.store.lock().unwrap();
-            store
-                .pods
-                .retain(|_, p| p["metadata"]["labels"]["job-name"] != name);
+    /// Deletes the pods of the Job `job` (as the Job controller does past a deadline, and the
+    /// garbage collector after a background deletion).
+    fn delete_pods_of(&self, job: &str) {
+        let mut store = self.store.lock().unwrap();
+        let names: Vec<String> = store
+            .pods
+            .iter()
+            .filter(|(_, p)| p["metadata"]["labels"]["job-name"] == job)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            if let Some(pod) = store.pods.remove(&name) {
+                store.logs.remove(&name);
+                let _ = self.events.send(json!({"type": "DELETED", "object": pod}));
+            }
         }
-        self.update_job(name, |j| {
-            j["status"] = json!({"failed": 1, "conditions": [target,
-                {"type": "Failed", "status": "True", "reason": reason, "message": message}]});
-        });
     }
 }
 
@@ -313,10 +295,6 @@ async fn create_job(
             None => job["metadata"]["name"].as_str().unwrap().to_owned(),
         }
     };
-    let argv: Vec<String> =
-        serde_json::from_value(job["spec"]["template"]["spec"]["containers"][0]["command"].clone())
-            .unwrap_or_default();
-    let deadline = job["spec"]["activeDeadlineSeconds"].as_u64().unwrap_or(600);
     {
         let mut store = s.store.lock().unwrap();
         store.created.push(job.clone());
@@ -335,8 +313,62 @@ async fn create_job(
     if *s.mode.lock().unwrap() == Mode::HangCreate {
         return std::future::pending().await;
     }
-    tokio::spawn(s.clone().run(name, argv, deadline));
+    tokio::spawn(s.clone().control(name, job.clone()));
     (StatusCode::CREATED, axum::Json(job)).into_response()
+}
+
+async fn create_secret(
+    State(s): State<StandIn>,
+    Path(ns): Path<String>,
+    axum::Json(mut secret): axum::Json<Value>,
+) -> Response {
+    if s.secrets_forbidden.load(Ordering::Relaxed) {
+        return status(
+            403,
+            "Forbidden",
+            format!(
+                "secrets is forbidden: User \"system:serviceaccount:{ns}:agentvm-dispatcher\" \
+                 cannot create resource \"secrets\" in API group \"\" in the namespace \"{ns}\""
+            ),
+        );
+    }
+    let name = secret["metadata"]["name"].as_str().unwrap().to_owned();
+    let size: usize = secret["data"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(_, v)| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().unwrap())
+                .unwrap()
+                .len()
+        })
+        .sum();
+    let mut store = s.store.lock().unwrap();
+    store.created_secrets.push(secret.clone());
+    if size > MAX_SECRET_BYTES {
+        return status(
+            422,
+            "Invalid",
+            format!(
+                "Secret \"{name}\" is invalid: data: Too long: must have at most \
+                 {MAX_SECRET_BYTES} bytes"
+            ),
+        );
+    }
+    if store.secrets.contains_key(&name) {
+        return status(
+            409,
+            "AlreadyExists",
+            format!("secrets \"{name}\" already exists"),
+        );
+    }
+    store.rv += 1;
+    secret["metadata"]["namespace"] = json!(ns);
+    secret["metadata"]["uid"] = json!(format!("uid-{name}"));
+    secret["metadata"]["resourceVersion"] = json!(store.rv.to_string());
+    store.secrets.insert(name, secret.clone());
+    (StatusCode::CREATED, axum::Json(secret)).into_response()
 }
 
 async fn get_job(State(s): State<StandIn>, Path((_, name)): Path<(String, String)>) -> Response {
@@ -352,16 +384,25 @@ async fn delete_job(
     body: Bytes,
 ) -> Response {
     let options: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let mut store = s.store.lock().unwrap();
-    store.deleted.push((name.clone(), options.clone()));
-    let Some(job) = store.jobs.remove(&name) else {
-        return status(404, "NotFound", format!("jobs.batch \"{name}\" not found"));
+    let job = {
+        let mut store = s.store.lock().unwrap();
+        store.deleted.push((name.clone(), options.clone()));
+        let Some(job) = store.jobs.remove(&name) else {
+            return status(404, "NotFound", format!("jobs.batch \"{name}\" not found"));
+        };
+        job
     };
     if options["propagationPolicy"] == "Background" {
-        // The garbage collector removes the pods soon after; at once here.
-        store
-            .pods
-            .retain(|_, p| p["metadata"]["labels"]["job-name"] != name.as_str());
+        // The garbage collector deletes what the Job owns soon after; at once here.
+        s.delete_pods_of(&name);
+        let uid = job["metadata"]["uid"].clone();
+        s.store.lock().unwrap().secrets.retain(|_, secret| {
+            !secret["metadata"]["ownerReferences"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|owner| owner["uid"] == uid)
+        });
     }
     let _ = s
         .events
@@ -396,6 +437,7 @@ fn watch(s: StandIn, query: HashMap<String, String>, kind: &'static str) -> Resp
         .get("fieldSelector")
         .and_then(|f| f.strip_prefix("metadata.name="))
         .map(str::to_owned);
+    let labels = query.get("labelSelector").cloned();
     let since: u64 = query
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
@@ -407,9 +449,12 @@ fn watch(s: StandIn, query: HashMap<String, String>, kind: &'static str) -> Resp
         .unwrap()
         .unwrap_or(Duration::from_secs(timeout));
     let receiver = s.events.subscribe();
-    let matches = move |job: &Value| {
-        name.as_ref()
-            .is_none_or(|n| job["metadata"]["name"] == n.as_str())
+    let matches = move |object: &Value| {
+        object["kind"] == kind
+            && name
+                .as_ref()
+                .is_none_or(|n| object["metadata"]["name"] == n.as_str())
+            && selected(object, labels.as_ref())
     };
     let initial: Vec<Value> = {
         let mut store = s.store.lock().unwrap();
@@ -423,16 +468,16 @@ fn watch(s: StandIn, query: HashMap<String, String>, kind: &'static str) -> Resp
         };
         objects
             .values()
-            .filter(|j| matches(j))
-            .filter(|j| {
-                j["metadata"]["resourceVersion"]
+            .filter(|o| matches(o))
+            .filter(|o| {
+                o["metadata"]["resourceVersion"]
                     .as_str()
                     .unwrap()
                     .parse::<u64>()
                     .unwrap()
                     > since
             })
-            .map(|j| json!({"type": "MODIFIED", "object": j}))
+            .map(|o| json!({"type": "MODIFIED", "object": o}))
             .collect()
     };
     let end = tokio::time::Instant::now() + lifetime;
@@ -485,17 +530,29 @@ async fn list_pods(
     .into_response()
 }
 
+/// The log of the `exec` container: its standard output and standard error, merged as the
+/// kubelet keeps them.
 async fn pod_log(
     State(s): State<StandIn>,
     Path((_, name)): Path<(String, String)>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let store = s.store.lock().unwrap();
-    if !store.pods.contains_key(&name) {
-        return status(404, "NotFound", format!("pods \"{name}\" not found"));
-    }
+    let file = {
+        let store = s.store.lock().unwrap();
+        if !store.pods.contains_key(&name) {
+            return status(404, "NotFound", format!("pods \"{name}\" not found"));
+        }
+        store.logs.get(&name).cloned()
+    };
     assert_eq!(query.get("container").map(String::as_str), Some("exec"));
-    let mut log = store.logs.get(&name).cloned().unwrap_or_default();
+    let Some(file) = file else {
+        return status(
+            400,
+            "BadRequest",
+            format!("container \"exec\" in pod \"{name}\" is waiting to start: PodInitializing"),
+        );
+    };
+    let mut log = std::fs::read(file).unwrap_or_default();
     if let Some(limit) = query.get("limitBytes") {
         log.truncate(limit.parse().unwrap());
     }
