@@ -93,7 +93,8 @@ impl Report {
     pub fn line(&self) -> String {
         // Serialising plain fields and byte strings cannot fail.
         let json = serde_json::to_string(self).unwrap_or_else(|e| {
-            format!(r#"{{"not_started":{{"reason":"other","message":"{e}"}}}}"#)
+            let message = format!("cannot write the report: {e}");
+            serde_json::json!({"not_started": {"reason": "other", "message": message}}).to_string()
         });
         format!("{MARKER}{json}\n")
     }
@@ -202,11 +203,9 @@ mod tests {
             Report::find(cut.as_bytes()),
             Err(ReportError::Invalid(_))
         ));
-        let bad_base64 = format!(
-            r#"{MARKER}{{"ran":{{"exit_code":0,"signal":null,"stdout":"!!","stderr":"",
-            "stdout_truncated":false,"stderr_truncated":false,"timed_out":false,"duration_ms":1}}}}"#
-        )
-        .replace('\n', "");
+        let fields = r#""exit_code":0,"signal":null,"stdout":"!!","stderr":"",
+            "stdout_truncated":false,"stderr_truncated":false,"timed_out":false,"duration_ms":1"#;
+        let bad_base64 = format!("{MARKER}{{\"ran\":{{{fields}}}}}").replace('\n', "");
         assert!(matches!(
             Report::find(bad_base64.as_bytes()),
             Err(ReportError::Invalid(_))
