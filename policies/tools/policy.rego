@@ -1,5 +1,28 @@
 # Tool-call policy of the agentvm proxy (package agentvm.tools).
 #
+# The proxy asks this policy about everything it lists and everything it forwards. `input`:
+#   method     "tools/list", "tools/call", "prompts/list", "prompts/get", "resources/list",
+#              "resources/templates/list", "resources/read", "resources/subscribe",
+#              "resources/unsubscribe", "completion/complete" or "logging/setLevel"
+#   upstream   the upstream's name from the proxy config; "agentvm" for the built-in exec tool
+#   tool       tools: the name as the agent sees it ("github__create_issue", "exec")
+#   prompt     prompts, and completions of a prompt's argument: the name as the agent sees it
+#   uri        resources: the URI (the URI template when listing templates or completing one)
+#   arguments  tool, prompt and completion arguments (absent when listing)
+#   agent      {pod, namespace, service_account, profile}
+# Exactly one of tool, prompt and uri is present, none for logging/setLevel. A listing entry
+# and a request for it are decided by the same rules: write rules on the name, and add the
+# method only where a call differs from its listing (arguments).
+#
+# A request goes through when `allow` is true and `deny` is empty: nothing is allowed unless a
+# rule says so, and any deny message wins. The agent never sees deny messages; they go to the
+# audit record, and the agent gets the same answer as for a tool, prompt or resource that does
+# not exist.
+#
+# To write your own, copy this folder, keep the package name, and point the proxy at it with
+# --policies. Rule names stay inside this package so that they never meet the webhook's rules.
+package agentvm.tools).
+#
 # The proxy asks this policy about every tool it lists and every call it forwards. `input`:
 #   method     "tools/list" (no arguments) or "tools/call"
 #   upstream   the upstream's name from the proxy config; "agentvm" for the built-in exec tool
@@ -23,7 +46,7 @@ exec_profiles := {"sidecar-exec", "exec-pod", "dispatcher"}
 # Programs the exec tool never runs, by base name.
 blocked_programs := {"nsenter", "mount", "umount", "chroot", "unshare", "setpriv", "capsh"}
 
-# Tools of the upstreams the platform configured are allowed.
+# Tools, prompts and resources of the upstreams the platform configured are allowed.
 allow if {
 	input.upstream != "agentvm"
 	input.upstream != ""

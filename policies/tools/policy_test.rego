@@ -42,3 +42,13 @@ test_bad_argv_is_denied if {
 test_an_empty_input_is_not_allowed if {
 	not allow with input as {}
 }
+
+test_upstream_prompts_and_resources_are_allowed if {
+	allow with input as {"method": "prompts/get", "upstream": "docs", "prompt": "docs__summarise", "arguments": {}, "agent": agent("no-exec")}
+	allow with input as {"method": "resources/read", "upstream": "docs", "uri": "file:///guide.md", "agent": agent("no-exec")}
+	count(deny) == 0 with input as {"method": "resources/read", "upstream": "docs", "uri": "file:///guide.md", "agent": agent("no-exec")}
+}
+
+test_nothing_is_allowed_without_an_upstream if {
+	not allow with input as {"method": "resources/read", "upstream": "", "uri": "file:///x", "agent": agent("sidecar-exec")}
+}
