@@ -21,21 +21,6 @@
 #
 # To write your own, copy this folder, keep the package name, and point the proxy at it with
 # --policies. Rule names stay inside this package so that they never meet the webhook's rules.
-package agentvm.tools).
-#
-# The proxy asks this policy about every tool it lists and every call it forwards. `input`:
-#   method     "tools/list" (no arguments) or "tools/call"
-#   upstream   the upstream's name from the proxy config; "agentvm" for the built-in exec tool
-#   tool       the tool name as the agent sees it ("github__create_issue", "exec")
-#   arguments  the call's arguments (absent when listing)
-#   agent      {pod, namespace, service_account, profile}
-#
-# A call goes through when `allow` is true and `deny` is empty: nothing is allowed unless a rule
-# says so, and any deny message wins. The agent never sees deny messages; they go to the audit
-# record, and the agent gets the same error as for a tool that does not exist.
-#
-# To write your own, copy this folder, keep the package name, and point the proxy at it with
-# --policies. Rule names stay inside this package so that they never meet the webhook's rules.
 package agentvm.tools
 
 default allow := false
