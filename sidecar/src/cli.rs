@@ -1,11 +1,12 @@
 //! Command-line interface. Every flag also reads an `AGENTVM_*` environment variable.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentvm_common::policy::PolicyError;
 use agentvm_sidecar::dispatch::{self, DispatchConfig, DispatchState};
 use agentvm_sidecar::exec::command::{base_env, Policy, DEFAULT_PATH};
 use agentvm_sidecar::exec::{self, runner, server, ExecConfig, ExecState};
@@ -60,6 +61,11 @@ struct ProxyArgs {
     /// policy when unset.
     #[arg(long, env = "AGENTVM_POLICIES")]
     policies: Option<PathBuf>,
+    /// Start even when the --config file or the policy in --policies is missing (mounted from a
+    /// ConfigMap with `optional: true` that does not exist yet): no upstreams, and every tool
+    /// call denied, until they appear; they are then loaded like any change.
+    #[arg(long, env = "AGENTVM_ALLOW_MISSING")]
+    allow_missing: bool,
     /// Exec backend base URL; overrides the config file's exec.endpoint.
     #[arg(long, env = "AGENTVM_EXEC_ENDPOINT")]
     exec_endpoint: Option<String>,
@@ -502,28 +508,65 @@ fn run_dispatch(args: DispatchArgs) -> ExitCode {
     })
 }
 
+/// The proxy config file with the exec endpoint override; with `allow_missing`, a file that
+/// does not exist is an empty config (no upstreams).
+fn load_proxy_config(
+    path: Option<&Path>,
+    allow_missing: bool,
+    exec_endpoint: Option<&str>,
+) -> Result<ProxyConfig, proxy::config::ConfigError> {
+    let mut config = match path {
+        None => ProxyConfig::default(),
+        Some(path) if allow_missing => ProxyConfig::load_if_present(path)?.unwrap_or_else(|| {
+            tracing::warn!(
+                path = %path.display(),
+                "proxy config file missing: no upstreams until it appears"
+            );
+            ProxyConfig::default()
+        }),
+        Some(path) => ProxyConfig::load(path)?,
+    };
+    if let Some(endpoint) = exec_endpoint {
+        config.exec = Some(ExecBackend {
+            endpoint: endpoint.to_owned(),
+        });
+        config.check()?;
+    }
+    Ok(config)
+}
+
+/// The tool policy of a folder; with `allow_missing`, a folder without one denies every call.
+fn load_tool_policy(dir: &Path, allow_missing: bool) -> Result<ToolPolicy, PolicyError> {
+    if !allow_missing {
+        return ToolPolicy::load_dir(dir);
+    }
+    let policy = ToolPolicy::load_dir_if_present(dir)?;
+    if policy.is_none_yet() {
+        tracing::warn!(
+            path = %dir.display(),
+            "no tool policy in the folder: every tool call is denied until one appears"
+        );
+    }
+    Ok(policy)
+}
+
 fn run_proxy(args: ProxyArgs) -> ExitCode {
     use agentvm_common::reload::{spawn_watch, ReloadEvent, Reloadable};
-    let config = match &args.config {
-        Some(path) => ProxyConfig::load(path),
-        None => Ok(ProxyConfig::default()),
-    };
-    let mut config = match config {
+    let exec_override = args.exec_endpoint.clone().filter(|e| !e.is_empty());
+    let loaded = load_proxy_config(
+        args.config.as_deref(),
+        args.allow_missing,
+        exec_override.as_deref(),
+    );
+    let config = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("agentvm-sidecar proxy: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Some(endpoint) = args.exec_endpoint.clone().filter(|e| !e.is_empty()) {
-        config.exec = Some(ExecBackend { endpoint });
-        if let Err(e) = config.check() {
-            eprintln!("agentvm-sidecar proxy: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    }
     let policy = match &args.policies {
-        Some(dir) => ToolPolicy::load_dir(dir),
+        Some(dir) => load_tool_policy(dir, args.allow_missing),
         None => ToolPolicy::shipped(),
     };
     let policy = match policy {
@@ -553,13 +596,14 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
     };
     let grace = Duration::from_secs(args.grace_period);
     rt.block_on(async move {
+        let allow_missing = args.allow_missing;
         if let Some(dir) = args.policies.clone() {
             let load_dir = dir.clone();
             spawn_watch(
                 policy.clone(),
                 vec![dir],
                 Duration::from_secs(args.reload_interval.max(1)),
-                move || ToolPolicy::load_dir(&load_dir),
+                move || load_tool_policy(&load_dir, allow_missing),
                 |event| match event {
                     ReloadEvent::Reloaded => tracing::info!("tool policy reloaded"),
                     ReloadEvent::Rejected(e) => tracing::error!(
@@ -589,18 +633,17 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
         let state = Arc::new(proxy::ProxyState::new(&config, policy, settings));
         if let Some(path) = args.config.clone() {
             let routes = state.routes.clone();
-            let exec_override = args.exec_endpoint.clone().filter(|e| !e.is_empty());
             let load_path = path.clone();
             spawn_watch(
                 state.routes.clone(),
                 vec![path],
                 Duration::from_secs(args.reload_interval.max(1)),
                 move || {
-                    let mut config = ProxyConfig::load(&load_path)?;
-                    if let Some(endpoint) = exec_override.clone() {
-                        config.exec = Some(ExecBackend { endpoint });
-                        config.check()?;
-                    }
+                    let config = load_proxy_config(
+                        Some(&load_path),
+                        allow_missing,
+                        exec_override.as_deref(),
+                    )?;
                     Ok::<_, proxy::config::ConfigError>(proxy::state::Routes::new(
                         &config,
                         Some(&routes.get()),

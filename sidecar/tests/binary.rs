@@ -410,3 +410,86 @@ fn proxy_reloads_config_and_policy_and_keeps_the_last_good_ones() {
     assert_eq!(tool_names(port), "");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Writes `files` into `dir` the way the kubelet updates a ConfigMap volume: a new hidden
+/// folder, the `..data` link swapped to it in one rename, and a link per key into `..data`.
+fn kubelet_write(dir: &std::path::Path, version: &str, files: &[(&str, &str)]) {
+    use std::os::unix::fs::symlink;
+    let target = format!("..{version}");
+    std::fs::create_dir_all(dir.join(&target)).unwrap();
+    for (key, text) in files {
+        std::fs::write(dir.join(&target).join(key), text).unwrap();
+    }
+    symlink(&target, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    for (key, _) in files {
+        let link = dir.join(key);
+        if std::fs::symlink_metadata(&link).is_err() {
+            symlink(format!("..data/{key}"), link).unwrap();
+        }
+    }
+}
+
+fn proxy_with_mounts(port: u16, config: &std::path::Path, tools: &std::path::Path) -> Server {
+    Server(
+        Command::new(BIN)
+            .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--config")
+            .arg(config)
+            .arg("--policies")
+            .arg(tools)
+            .args(["--allow-missing", "--reload-interval", "1"])
+            .env("AGENTVM_LOG_LEVEL", "error")
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn proxy_waits_for_optional_configmaps_and_follows_their_updates() {
+    let dir = std::env::temp_dir().join(format!("agentvm-bin-mounts-{}", std::process::id()));
+    let (config_dir, tools) = (dir.join("config"), dir.join("tools"));
+    // What the kubelet mounts for an optional ConfigMap that does not exist: an empty folder.
+    std::fs::create_dir_all(&config_dir).unwrap();
+    std::fs::create_dir_all(&tools).unwrap();
+    let config = config_dir.join("config.yaml");
+    let exec = ("config.yaml", "exec:\n  endpoint: http://127.0.0.1:9\n");
+    kubelet_write(&config_dir, "v1", &[exec]);
+
+    // The config is there, the tool policy is not: the proxy starts and denies every tool.
+    let port = free_port();
+    let server = proxy_with_mounts(port, &config, &tools);
+    wait_ready(&format!("http://127.0.0.1:{port}/healthz"));
+    assert_eq!(tool_names(port), "", "no tool policy yet: exec is denied");
+    let allow_exec = (
+        "policy.rego",
+        "package agentvm.tools\n\nallow if input.tool == \"exec\"\n",
+    );
+    kubelet_write(&tools, "v1", &[allow_exec]);
+    wait_for_tools(port, "exec");
+    // An update of the ConfigMap arrives through the swapped ..data link.
+    kubelet_write(&config_dir, "v2", &[("config.yaml", "upstreams: []\n")]);
+    wait_for_tools(port, "");
+    drop(server);
+
+    // The config is not there yet: the proxy starts without upstreams and loads it later.
+    std::fs::remove_dir_all(&config_dir).unwrap();
+    std::fs::create_dir_all(&config_dir).unwrap();
+    let port = free_port();
+    let _server = proxy_with_mounts(port, &config, &tools);
+    wait_ready(&format!("http://127.0.0.1:{port}/healthz"));
+    assert_eq!(tool_names(port), "");
+    kubelet_write(&config_dir, "v1", &[exec]);
+    wait_for_tools(port, "exec");
+
+    // Without --allow-missing, a missing config file is a configuration error that names it.
+    let out = Command::new(BIN)
+        .args(["proxy", "--listen", "127.0.0.1:0", "--config"])
+        .arg(dir.join("nowhere/config.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nowhere/config.yaml"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -107,6 +107,20 @@ impl ProxyConfig {
         Self::parse(&text)
     }
 
+    /// Like [`ProxyConfig::load`], but a file that does not exist gives `None`: it is mounted
+    /// from a ConfigMap with `optional: true` that does not exist (yet), or lacks the key.
+    pub fn load_if_present(path: &Path) -> Result<Option<Self>, ConfigError> {
+        match Self::load(path) {
+            Ok(config) => Ok(Some(config)),
+            Err(ConfigError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Parses and checks config text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let config: ProxyConfig = if text.trim().is_empty() {
@@ -201,6 +215,24 @@ mod tests {
         );
         assert_eq!(c.exec.unwrap().endpoint, "http://127.0.0.1:7412");
         assert_eq!(ProxyConfig::parse("").unwrap(), ProxyConfig::default());
+    }
+
+    #[test]
+    fn a_missing_file_is_none_only_when_asked_and_a_bad_one_stays_an_error() {
+        let dir = std::env::temp_dir().join(format!("agentvm-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("config.yaml");
+        assert!(ProxyConfig::load_if_present(&missing).unwrap().is_none());
+        let err = ProxyConfig::load(&missing).unwrap_err().to_string();
+        assert!(err.contains("cannot read config"), "{err}");
+        std::fs::write(&missing, "upstreams: nope\n").unwrap();
+        assert!(ProxyConfig::load_if_present(&missing).is_err());
+        std::fs::write(&missing, "upstreams: []\n").unwrap();
+        assert_eq!(
+            ProxyConfig::load_if_present(&missing).unwrap(),
+            Some(ProxyConfig::default())
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -113,6 +113,7 @@ pub struct Decision {
 pub struct ToolPolicy {
     decision: Entrypoint,
     origin: String,
+    none_yet: bool,
 }
 
 impl ToolPolicy {
@@ -127,6 +128,42 @@ impl ToolPolicy {
         Self::from_sources(read_dir(dir)?, dir.display().to_string())
     }
 
+    /// Like [`ToolPolicy::load_dir`], but a folder that does not exist or holds no policy gives
+    /// [`ToolPolicy::none_yet`]: it is mounted from a ConfigMap with `optional: true` that does
+    /// not exist (yet). A policy that is there but broken stays an error.
+    pub fn load_dir_if_present(dir: &Path) -> Result<Self, PolicyError> {
+        match read_dir(dir) {
+            Ok(sources) => Self::from_sources(sources, dir.display().to_string()),
+            Err(PolicyError::Empty(_)) => Self::none_yet(dir),
+            Err(PolicyError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Self::none_yet(dir)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A policy that denies every tool, saying that `dir` holds no policy yet (fail closed: the
+    /// shipped policy may allow more than the one the platform meant to mount).
+    pub fn none_yet(dir: &Path) -> Result<Self, PolicyError> {
+        let reason = format!("no tool policy in {} yet", dir.display());
+        // A JSON string is a Rego string literal.
+        let literal = serde_json::Value::String(reason).to_string();
+        let text = format!("package agentvm.tools\n\ndeny contains {literal}\n");
+        let origin = format!("none yet ({})", dir.display());
+        let policy = Self::from_sources(vec![Source::new("none-yet.rego", text)], origin)?;
+        Ok(Self {
+            none_yet: true,
+            ..policy
+        })
+    }
+
+    /// Whether this is [`ToolPolicy::none_yet`].
+    pub fn is_none_yet(&self) -> bool {
+        self.none_yet
+    }
+
     /// Compiles `sources` with the proxy's entry point.
     pub fn from_sources(mut sources: Vec<Source>, origin: String) -> Result<Self, PolicyError> {
         sources.push(Source::new("agentvm-proxy-runtime.rego", RUNTIME));
@@ -134,6 +171,7 @@ impl ToolPolicy {
         Ok(Self {
             decision: set.entrypoint("data.agentvm_proxy_runtime.decision")?,
             origin,
+            none_yet: false,
         })
     }
 
@@ -251,6 +289,42 @@ mod tests {
             (c.allowed, c.reasons.as_slice()),
             (false, &["no rule allows it".to_owned()][..])
         );
+    }
+
+    #[test]
+    fn a_folder_without_a_policy_denies_everything_until_one_appears() {
+        let dir = std::env::temp_dir().join(format!("agentvm-tools-{}", std::process::id()));
+        let gone = dir.join("not-mounted");
+        for d in [&gone, &dir] {
+            let p = ToolPolicy::load_dir_if_present(d).unwrap();
+            assert!(p.is_none_yet());
+            let d = decide(&p, "github", "github__x", json!({}));
+            assert!(!d.allowed && !d.error, "{d:?}");
+            assert!(d.reasons[0].contains("no tool policy in"), "{d:?}");
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        assert!(
+            ToolPolicy::load_dir(&dir).is_err(),
+            "without asking, still an error"
+        );
+        std::fs::write(
+            dir.join("policy.rego"),
+            "package agentvm.tools\n\nallow := true\n",
+        )
+        .unwrap();
+        let p = ToolPolicy::load_dir_if_present(&dir).unwrap();
+        assert!(!p.is_none_yet());
+        assert!(decide(&p, "github", "github__x", json!({})).allowed);
+        std::fs::write(
+            dir.join("policy.rego"),
+            "package agentvm.tools\n\nallow if {\n",
+        )
+        .unwrap();
+        assert!(
+            ToolPolicy::load_dir_if_present(&dir).is_err(),
+            "broken is not missing"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
