@@ -29,6 +29,18 @@ default_settings := {
 			"requests": {"cpu": "10m", "memory": "32Mi"},
 			"limits": {"cpu": "500m", "memory": "128Mi"},
 		},
+		# What it gets, by name, in the agent pod's own namespace (see proxy/policy.rego);
+		# null: nothing. The ConfigMap whose key config.yaml is the proxy config:
+		"config_map": null,
+		# The ConfigMap of the tool policy (package agentvm.tools); null: the shipped one.
+		"policy_config_map": null,
+		# The Secret of upstream credentials, mounted with the platform's config only.
+		"credentials_secret": null,
+		# Workloads may name their own config (annotation agentvm.dev/proxy-config), which then
+		# replaces config_map and gets none of credentials_secret.
+		"workload_config_map": true,
+		# Workloads may name their own credentials Secret (agentvm.dev/proxy-credentials).
+		"workload_credentials_secret": true,
 	},
 	# The injected exec server (profile sidecar-exec).
 	"exec": {

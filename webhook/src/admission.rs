@@ -328,6 +328,15 @@ impl Ctx<'_> {
         if !agent {
             return self.skip();
         }
+        // Whatever policy allows, a debug container never gets at the proxy's files.
+        let reach = self
+            .req
+            .object()
+            .map(ephemeral_reach_into_proxy)
+            .unwrap_or_default();
+        if !reach.is_empty() {
+            return self.deny(403, &reach, Verdict::Denied);
+        }
         let pod = self.req.object().cloned().unwrap_or(Value::Null);
         let input = self.input("ephemeral", pod, Value::Null, Value::Null);
         match self.decide_or_deny(input) {
@@ -452,6 +461,15 @@ impl Ctx<'_> {
                 )
             }
         };
+        let proxy = match decision.proxy {
+            Ok(p) => p,
+            Err(e) => {
+                return self.fail(format!(
+                    "agentvm policy returned an invalid data.agentvm.proxy, denying (fail \
+                     closed): {e}"
+                ))
+            }
+        };
         let extra_volumes: Vec<String> = object
             .pointer("/spec/volumeClaimTemplates")
             .and_then(Value::as_array)
@@ -468,13 +486,15 @@ impl Ctx<'_> {
         let mut spec = into_map(spec);
 
         if self.mode == Mode::Validate {
-            let v = conformance::violations(&meta, &spec, profile, settings, &extra_volumes);
+            let v =
+                conformance::violations(&meta, &spec, profile, &proxy, settings, &extra_volumes);
             if !v.is_empty() {
                 return self.deny(403, &v, Verdict::Denied).with_profile(profile);
             }
         }
         let original = (meta.clone(), spec.clone());
-        let applied = mutate::apply(&mut meta, &mut spec, profile, settings, self.namespace());
+        let namespace = self.namespace();
+        let applied = mutate::apply(&mut meta, &mut spec, profile, &proxy, settings, namespace);
         let mut denials = applied.denials;
         denials.extend(selector_mismatch(object, &meta));
         if !denials.is_empty() {
@@ -482,7 +502,7 @@ impl Ctx<'_> {
                 .deny(403, &denials, Verdict::Denied)
                 .with_profile(profile);
         }
-        let v = conformance::violations(&meta, &spec, profile, settings, &extra_volumes);
+        let v = conformance::violations(&meta, &spec, profile, &proxy, settings, &extra_volumes);
         if !v.is_empty() {
             return self.deny(403, &v, Verdict::Denied).with_profile(profile);
         }
@@ -532,6 +552,37 @@ impl Outcome {
         self.profile = Some(profile);
         self
     }
+}
+
+/// Ephemeral containers that would reach the proxy's config, tool policy or credentials: by
+/// mounting its volumes, or by targeting its container (which shares its processes, and so its
+/// files through `/proc`).
+fn ephemeral_reach_into_proxy(pod: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let containers = pod
+        .pointer("/spec/ephemeralContainers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten();
+    for c in containers {
+        let name = crate::podspec::name_of(c);
+        for volume in crate::podspec::proxy_volume_mounts(c) {
+            out.push(format!(
+                "ephemeral container {name} mounts volume {volume}, which only {} may mount",
+                crate::keys::PROXY_CONTAINER
+            ));
+        }
+        if c.get("targetContainerName").and_then(Value::as_str)
+            == Some(crate::keys::PROXY_CONTAINER)
+        {
+            out.push(format!(
+                "ephemeral container {name} targets {}, whose credentials no debug container may \
+                 reach",
+                crate::keys::PROXY_CONTAINER
+            ));
+        }
+    }
+    out
 }
 
 /// A workload selector must still match its template after the labels agentvm sets.
@@ -859,6 +910,52 @@ mod tests {
             &request("DELETE", ("apps", "Deployment"), Value::Null, deployment),
         );
         assert_eq!(out.verdict, Verdict::Skipped);
+    }
+
+    /// The shipped policies without `proxy/`, plus `extra`.
+    fn without_the_proxy_policy(extra: &str) -> Reviewer {
+        let mut sources: Vec<Source> = shipped_sources()
+            .into_iter()
+            .filter(|s| !s.path.starts_with("proxy/"))
+            .collect();
+        sources.push(Source::new("mine.rego", extra));
+        Reviewer::fixed(Policies::from_sources(sources, "t".into()).unwrap())
+    }
+
+    #[test]
+    fn a_policy_set_without_a_proxy_rule_mounts_nothing_and_a_bad_one_fails_closed() {
+        let pod = agent_pod(
+            json!({}),
+            json!({"containers": [{"name": "a", "image": "i"}]}),
+        );
+        // A copy of the policies made before `proxy` existed keeps working as it did.
+        let old = without_the_proxy_policy("package agentvm\n");
+        let out = create(&old, pod.clone());
+        assert_eq!(out.verdict, Verdict::Patched, "{}", out.response.message);
+        let patch = out.response.patch.unwrap().to_string();
+        assert!(!patch.contains("agentvm-proxy-config"), "{patch}");
+        assert!(
+            patch.contains(r#""args":["proxy","--listen","127.0.0.1:7411"]"#),
+            "{patch}"
+        );
+        for answer in [
+            r#"{"config_map": "Bad_Name"}"#,
+            r#"{"config_map": "a", "secret": "b"}"#,
+            r#""agentvm-proxy""#,
+        ] {
+            let bad = without_the_proxy_policy(&format!("package agentvm\n\nproxy := {answer}\n"));
+            let out = create(&bad, pod.clone());
+            assert_eq!(
+                (out.response.allowed, out.response.code),
+                (false, 500),
+                "{answer}"
+            );
+            assert!(
+                out.response.message.contains("invalid data.agentvm.proxy"),
+                "{answer}: {}",
+                out.response.message
+            );
+        }
     }
 
     #[test]

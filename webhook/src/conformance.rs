@@ -12,6 +12,7 @@ use crate::keys::{
 };
 use crate::podspec::{self, array, name_of, CONTAINER_LISTS};
 use crate::profile_name::Profile;
+use crate::proxy_mounts::ProxyMounts;
 use crate::settings::Settings;
 
 /// Volume types the restricted Pod Security Standard allows (secrets are refused separately).
@@ -43,19 +44,21 @@ const SAFE_SYSCTLS: [&str; 9] = [
 const SELINUX_TYPES: [&str; 4] = ["", "container_t", "container_init_t", "container_kvm_t"];
 
 /// Every way the pod misses its profile, as messages that name the field and the container.
-/// `extra_volumes` are names a mount may refer to besides the pod's volumes (a StatefulSet's
-/// `volumeClaimTemplates`).
+/// `proxy` is what the decision gives the proxy (its credentials volume is the one Secret volume
+/// allowed, and only the proxy may mount it). `extra_volumes` are names a mount may refer to
+/// besides the pod's volumes (a StatefulSet's `volumeClaimTemplates`).
 pub fn violations(
     meta: &Map<String, Value>,
     spec: &Map<String, Value>,
     profile: Profile,
+    proxy: &ProxyMounts,
     settings: &Settings,
     extra_volumes: &[String],
 ) -> Vec<String> {
     let mut v = Vec::new();
     check_metadata(meta, profile, &mut v);
     check_pod(spec, &mut v);
-    check_volumes(spec, &mut v);
+    check_volumes(spec, proxy, &mut v);
     let mut volume_names: HashSet<&str> = array(spec, "volumes").iter().map(name_of).collect();
     volume_names.extend(extra_volumes.iter().map(String::as_str));
     let pod_sc = spec.get("securityContext").and_then(Value::as_object);
@@ -143,7 +146,7 @@ fn check_pod(spec: &Map<String, Value>, v: &mut Vec<String>) {
     check_common_security(sc, "pod", v);
 }
 
-fn check_volumes(spec: &Map<String, Value>, v: &mut Vec<String>) {
+fn check_volumes(spec: &Map<String, Value>, proxy: &ProxyMounts, v: &mut Vec<String>) {
     let mut seen = HashSet::new();
     for vol in array(spec, "volumes") {
         let name = name_of(vol);
@@ -159,9 +162,11 @@ fn check_volumes(spec: &Map<String, Value>, v: &mut Vec<String>) {
             ));
         }
         if let Some(what) = podspec::credential_volume(vol) {
-            v.push(format!(
-                "volume {name}: credentials ({what}) are not allowed"
-            ));
+            if !proxy.is_credentials_volume(vol) {
+                v.push(format!(
+                    "volume {name}: credentials ({what}) are not allowed"
+                ));
+            }
         }
         for what in podspec::projected_credentials(vol) {
             v.push(format!(
@@ -295,6 +300,14 @@ fn check_container(
                 .is_some_and(|p| p != 0)
             {
                 v.push(format!("{who}: hostPort is not allowed"));
+            }
+        }
+        if name != keys::PROXY_CONTAINER {
+            for volume in podspec::proxy_volume_mounts(c) {
+                v.push(format!(
+                    "{who}: volume {volume} is the proxy's: only {} may mount it",
+                    keys::PROXY_CONTAINER
+                ));
             }
         }
         let mut paths = HashSet::new();

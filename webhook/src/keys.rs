@@ -13,6 +13,10 @@ pub const APPLIED_ANNOTATION: &str = "agentvm.dev/applied";
 pub const ROLE_LABEL: &str = "agentvm.dev/role";
 /// Namespace label that makes every pod in the namespace an agent.
 pub const ENFORCE_LABEL: &str = "agentvm.dev/enforce";
+/// Annotation by which a workload names the ConfigMap of its proxy's config, in its namespace.
+pub const PROXY_CONFIG_ANNOTATION: &str = "agentvm.dev/proxy-config";
+/// Annotation by which a workload names the Secret of its proxy's upstream credentials.
+pub const PROXY_CREDENTIALS_ANNOTATION: &str = "agentvm.dev/proxy-credentials";
 /// Prefix shared by every key above.
 pub const KEY_PREFIX: &str = "agentvm.dev/";
 
@@ -24,6 +28,33 @@ pub const EXEC_CONTAINER: &str = "agentvm-exec";
 pub const WORKSPACE_VOLUME: &str = "agentvm-workspace";
 /// Container names only the webhook may use.
 pub const RESERVED_CONTAINERS: [&str; 2] = [PROXY_CONTAINER, EXEC_CONTAINER];
+/// The proxy's config ConfigMap volume, mounted at [`PROXY_CONFIG_DIR`].
+pub const PROXY_CONFIG_VOLUME: &str = "agentvm-proxy-config";
+/// The proxy's tool policy ConfigMap volume, mounted at [`PROXY_POLICY_DIR`].
+pub const PROXY_POLICY_VOLUME: &str = "agentvm-proxy-policy";
+/// The proxy's credentials Secret volume, mounted at [`PROXY_CREDENTIALS_DIR`].
+pub const PROXY_CREDENTIALS_VOLUME: &str = "agentvm-proxy-credentials";
+/// Volumes only the proxy container may mount.
+pub const PROXY_VOLUMES: [&str; 3] = [
+    PROXY_CONFIG_VOLUME,
+    PROXY_POLICY_VOLUME,
+    PROXY_CREDENTIALS_VOLUME,
+];
+/// Volume names only the webhook may use.
+pub const RESERVED_VOLUMES: [&str; 4] = [
+    WORKSPACE_VOLUME,
+    PROXY_CONFIG_VOLUME,
+    PROXY_POLICY_VOLUME,
+    PROXY_CREDENTIALS_VOLUME,
+];
+/// Where the proxy container finds its config ConfigMap.
+pub const PROXY_CONFIG_DIR: &str = "/etc/agentvm/proxy";
+/// The key of the config file in that ConfigMap.
+pub const PROXY_CONFIG_KEY: &str = "config.yaml";
+/// Where the proxy container finds its tool policy ConfigMap.
+pub const PROXY_POLICY_DIR: &str = "/etc/agentvm/tools";
+/// Where the proxy container finds its credentials Secret (`credentialFile` paths point here).
+pub const PROXY_CREDENTIALS_DIR: &str = "/var/run/agentvm/credentials";
 
 /// Where Kubernetes mounts the service-account token.
 pub const SERVICE_ACCOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";

@@ -19,6 +19,7 @@ pub mod patch;
 pub mod podspec;
 pub mod policies;
 pub mod profile_name;
+pub mod proxy_mounts;
 pub mod review;
 pub mod server;
 pub mod settings;

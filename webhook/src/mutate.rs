@@ -1,5 +1,6 @@
 //! Applies a profile to a pod (or pod template): drops credentials, hardens every container,
-//! labels the pod and injects the proxy (and, for `sidecar-exec`, the exec server).
+//! labels the pod and injects the proxy (with the ConfigMaps and Secret the decision names for
+//! it) and, for `sidecar-exec`, the exec server.
 //!
 //! It fixes what can be fixed and reports, as denials, what it will not touch (a reserved name,
 //! credentials under the `deny` setting). What cannot be fixed at all (host access and the like)
@@ -11,7 +12,8 @@ use serde_json::{json, Map, Value};
 use crate::keys::{self, env, APPLIED_ANNOTATION, EGRESS_LABEL, PROFILE_KEY, WORKSPACE_VOLUME};
 use crate::podspec::{self, array, name_of, object_mut, CONTAINER_LISTS};
 use crate::profile_name::Profile;
-use crate::settings::{ContainerSettings, CredentialHandling, Settings};
+use crate::proxy_mounts::ProxyMounts;
+use crate::settings::{CredentialHandling, Settings};
 
 /// What applying the profile found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -25,11 +27,12 @@ pub struct Applied {
 /// Version of the annotation format.
 const APPLIED_VERSION: &str = "v1";
 
-/// Applies `profile` to a pod's `metadata` and `spec`.
+/// Applies `profile` to a pod's `metadata` and `spec`, giving the proxy `proxy`.
 pub fn apply(
     meta: &mut Map<String, Value>,
     spec: &mut Map<String, Value>,
     profile: Profile,
+    proxy: &ProxyMounts,
     settings: &Settings,
     namespace: &str,
 ) -> Applied {
@@ -40,9 +43,9 @@ pub fn apply(
         return out;
     }
     drop_credentials(spec, settings.credentials, &mut out);
-    inject(spec, profile, settings, namespace, &mut out);
+    inject(spec, profile, proxy, settings, namespace, &mut out);
     harden(spec, settings);
-    label(meta, profile);
+    label(meta, profile, proxy);
     out
 }
 
@@ -54,14 +57,19 @@ pub fn is_owned(meta: &Map<String, Value>) -> bool {
         .is_some()
 }
 
-/// The annotation value for a profile: what was injected, as JSON.
-pub fn applied_annotation(profile: Profile) -> String {
+/// The annotation value for a profile: what was injected, as JSON. `proxy` (the names of what
+/// the proxy got) is there only when it got something.
+pub fn applied_annotation(profile: Profile, proxy: &ProxyMounts) -> String {
     let containers: &[&str] = match profile {
         Profile::SidecarExec => &[keys::PROXY_CONTAINER, keys::EXEC_CONTAINER],
         _ => &[keys::PROXY_CONTAINER],
     };
-    json!({"version": APPLIED_VERSION, "profile": profile.as_str(), "containers": containers})
-        .to_string()
+    let mut applied =
+        json!({"version": APPLIED_VERSION, "profile": profile.as_str(), "containers": containers});
+    if !proxy.is_empty() {
+        applied["proxy"] = proxy.applied();
+    }
+    applied.to_string()
 }
 
 fn check_reserved_names(spec: &Map<String, Value>, owned: bool, out: &mut Applied) {
@@ -81,13 +89,28 @@ fn check_reserved_names(spec: &Map<String, Value>, owned: bool, out: &mut Applie
             ));
         }
     }
-    let reserved_volume = array(spec, "volumes")
-        .iter()
-        .any(|v| name_of(v) == WORKSPACE_VOLUME);
-    if reserved_volume && !owned {
-        out.denials.push(format!(
-            "volume {WORKSPACE_VOLUME} uses a name reserved for agentvm: rename the volume"
-        ));
+    for (list, c) in podspec::containers(spec) {
+        let name = name_of(c);
+        if name == keys::PROXY_CONTAINER {
+            continue;
+        }
+        for volume in podspec::proxy_volume_mounts(c) {
+            out.denials.push(format!(
+                "container {name} in {list} mounts volume {volume}, which only {} may mount",
+                keys::PROXY_CONTAINER
+            ));
+        }
+    }
+    if owned {
+        return;
+    }
+    for v in array(spec, "volumes") {
+        let name = name_of(v);
+        if keys::RESERVED_VOLUMES.contains(&name) {
+            out.denials.push(format!(
+                "volume {name} uses a name reserved for agentvm: rename the volume"
+            ));
+        }
     }
 }
 
@@ -108,6 +131,10 @@ fn drop_credentials(
     if let Some(Value::Array(volumes)) = spec.get_mut("volumes") {
         volumes.retain_mut(|v| {
             let name = name_of(v).to_owned();
+            // agentvm's own (the pod carries its annotation): `inject` replaces them.
+            if keys::RESERVED_VOLUMES.contains(&name.as_str()) {
+                return true;
+            }
             if podspec::is_token_volume(v) {
                 removed_volumes.push(name);
                 return false;
@@ -191,6 +218,7 @@ fn drop_credentials(
 fn inject(
     spec: &mut Map<String, Value>,
     profile: Profile,
+    proxy: &ProxyMounts,
     settings: &Settings,
     namespace: &str,
     out: &mut Applied,
@@ -199,7 +227,7 @@ fn inject(
     let workspace = settings.workspace_path.as_str();
 
     // Injected containers go first among the init containers, in a fixed order.
-    let mut init: Vec<Value> = vec![proxy_container(profile, settings, namespace)];
+    let mut init: Vec<Value> = vec![proxy_container(profile, proxy, settings, namespace)];
     if sidecar_exec {
         init.push(exec_container(settings));
     }
@@ -220,10 +248,12 @@ fn inject(
             }
         }
     };
-    volumes.retain(|v| name_of(v) != WORKSPACE_VOLUME);
+    // Injected volumes go last, in a fixed order.
+    volumes.retain(|v| !keys::RESERVED_VOLUMES.contains(&name_of(v)));
     if sidecar_exec {
         volumes.push(json!({"name": WORKSPACE_VOLUME, "emptyDir": {}}));
     }
+    volumes.extend(proxy.volumes());
     if volumes.is_empty() {
         spec.remove("volumes");
     }
@@ -335,17 +365,21 @@ fn injected_security_context(settings: &Settings) -> Value {
     })
 }
 
+/// What an injected container is made of, from its settings.
+struct Sidecar<'a> {
+    name: &'a str,
+    image: &'a str,
+    image_pull_policy: &'a str,
+    port: u16,
+    resources: &'a Value,
+}
+
 /// Fields the API server would default are set explicitly, so that a stored template, and a pod
 /// or ReplicaSet made from it, come back unchanged (otherwise the Deployment controller sees a
 /// new template and creates ReplicaSets forever).
-fn sidecar_base(
-    name: &str,
-    c: &ContainerSettings,
-    settings: &Settings,
-    args: Vec<String>,
-) -> Value {
+fn sidecar_base(c: Sidecar<'_>, settings: &Settings, args: Vec<String>) -> Value {
     json!({
-        "name": name,
+        "name": c.name,
         "image": c.image,
         "imagePullPolicy": c.image_pull_policy,
         "args": args,
@@ -370,14 +404,27 @@ fn field_env(name: &str, path: &str) -> Value {
     json!({"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}})
 }
 
-fn proxy_container(profile: Profile, settings: &Settings, namespace: &str) -> Value {
-    let listen = format!("127.0.0.1:{}", settings.proxy.port);
-    let mut c = sidecar_base(
-        keys::PROXY_CONTAINER,
-        &settings.proxy,
-        settings,
-        vec!["proxy".into(), "--listen".into(), listen],
-    );
+fn proxy_container(
+    profile: Profile,
+    proxy: &ProxyMounts,
+    settings: &Settings,
+    namespace: &str,
+) -> Value {
+    let p = &settings.proxy;
+    let mut args = vec![
+        "proxy".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{}", p.port),
+    ];
+    args.extend(proxy.args());
+    let sidecar = Sidecar {
+        name: keys::PROXY_CONTAINER,
+        image: &p.image,
+        image_pull_policy: &p.image_pull_policy,
+        port: p.port,
+        resources: &p.resources,
+    };
+    let mut c = sidecar_base(sidecar, settings, args);
     let mut vars = vec![json!({"name": env::PROFILE, "value": profile.as_str()})];
     if let Some(endpoint) = settings.exec_endpoint(profile, namespace) {
         vars.push(json!({"name": env::EXEC_ENDPOINT, "value": endpoint}));
@@ -389,15 +436,26 @@ fn proxy_container(profile: Profile, settings: &Settings, namespace: &str) -> Va
         "spec.serviceAccountName",
     ));
     c["env"] = Value::Array(vars);
+    let mounts = proxy.mounts();
+    if !mounts.is_empty() {
+        c["volumeMounts"] = Value::Array(mounts);
+    }
     c
 }
 
 fn exec_container(settings: &Settings) -> Value {
     let listen = format!("127.0.0.1:{}", settings.exec.port);
     let workspace = settings.workspace_path.clone();
+    let e = &settings.exec;
+    let sidecar = Sidecar {
+        name: keys::EXEC_CONTAINER,
+        image: &e.image,
+        image_pull_policy: &e.image_pull_policy,
+        port: e.port,
+        resources: &e.resources,
+    };
     let mut c = sidecar_base(
-        keys::EXEC_CONTAINER,
-        &settings.exec,
+        sidecar,
         settings,
         // The root filesystem is read-only: commands get the workspace as TMPDIR.
         vec![
@@ -478,7 +536,7 @@ fn set_runtime_default_seccomp(sc: &mut Map<String, Value>, pod_level: bool) {
     }
 }
 
-fn label(meta: &mut Map<String, Value>, profile: Profile) {
+fn label(meta: &mut Map<String, Value>, profile: Profile, proxy: &ProxyMounts) {
     let labels = object_mut(meta, "labels");
     // Already there, or the pod is an agent because its namespace enforces the profile.
     labels.insert(keys::AGENT_LABEL.into(), json!("true"));
@@ -487,6 +545,6 @@ fn label(meta: &mut Map<String, Value>, profile: Profile) {
     let annotations = object_mut(meta, "annotations");
     annotations.insert(
         APPLIED_ANNOTATION.into(),
-        json!(applied_annotation(profile)),
+        json!(applied_annotation(profile, proxy)),
     );
 }

@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::keys::SERVICE_ACCOUNT_PATH;
+use crate::keys::{PROXY_VOLUMES, SERVICE_ACCOUNT_PATH};
 
 /// The container lists of a pod spec, in the order the kubelet starts them.
 pub const CONTAINER_LISTS: [&str; 3] = ["initContainers", "containers", "ephemeralContainers"];
@@ -39,6 +39,17 @@ pub fn containers(spec: &Map<String, Value>) -> impl Iterator<Item = (&'static s
     CONTAINER_LISTS
         .into_iter()
         .flat_map(move |list| array(spec, list).iter().map(move |c| (list, c)))
+}
+
+/// The proxy's volumes (config, tool policy, credentials) a container mounts.
+pub fn proxy_volume_mounts(container: &Value) -> impl Iterator<Item = &str> {
+    container
+        .get("volumeMounts")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(name_of)
+        .filter(|v| PROXY_VOLUMES.contains(v))
 }
 
 /// Whether a volume is a projected volume with a service-account token source.

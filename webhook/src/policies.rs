@@ -7,6 +7,7 @@ use agentvm_common::policy::{Entrypoint, PolicyError, PolicySet, Source};
 use serde_json::Value;
 
 use crate::profile_name::Profile;
+use crate::proxy_mounts::ProxyMounts;
 use crate::settings::Settings;
 
 mod shipped {
@@ -32,7 +33,11 @@ default warn := set()
 
 warn := data.agentvm.warn
 
-decision := {"profile": profile, "deny": deny, "warn": warn}
+default proxy := null
+
+proxy := data.agentvm.proxy
+
+decision := {"profile": profile, "deny": deny, "warn": warn, "proxy": proxy}
 "#;
 
 const RUNTIME_PATH: &str = "<agentvm runtime>/decision.rego";
@@ -57,6 +62,9 @@ pub struct Decision {
     pub deny: Vec<String>,
     /// Warning messages, sorted.
     pub warn: Vec<String>,
+    /// What the proxy gets mounted; nothing when the policies leave `proxy` undefined, an
+    /// error (fails closed) when it is not a valid answer.
+    pub proxy: Result<ProxyMounts, String>,
 }
 
 /// A loaded policy set, ready to decide.
@@ -142,10 +150,12 @@ impl Policies {
             Some(Value::String(s)) => Some(s.parse::<Profile>()),
             Some(other) => Some(Err(format!("profile must be a string, got {other}"))),
         };
+        let proxy = ProxyMounts::from_decision(json.get("proxy").unwrap_or(&Value::Null));
         Ok(Decision {
             profile,
             deny: strings("deny"),
             warn: strings("warn"),
+            proxy,
         })
     }
 }

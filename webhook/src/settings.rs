@@ -36,8 +36,8 @@ pub struct Settings {
     pub runtime_class: Option<String>,
     /// Profiles agents may request.
     pub allowed_profiles: Vec<Profile>,
-    /// The injected proxy container.
-    pub proxy: ContainerSettings,
+    /// The injected proxy container, and what it gets mounted.
+    pub proxy: ProxySettings,
     /// The injected exec server container (`sidecar-exec`).
     pub exec: ContainerSettings,
     /// Where the proxy sends exec requests, by profile; `{namespace}` is replaced by the pod's
@@ -76,6 +76,39 @@ pub struct ContainerSettings {
     pub port: u16,
     /// `resources` of the container, as in a pod spec.
     pub resources: Value,
+}
+
+/// The injected proxy: its container, and the ConfigMaps and Secret it gets, by name, in the
+/// agent pod's namespace. The shipped policy `proxy/policy.rego` turns these into the decision's
+/// `proxy`; Rust only checks them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySettings {
+    /// Image reference.
+    pub image: String,
+    /// `imagePullPolicy`.
+    pub image_pull_policy: String,
+    /// Loopback port it listens on.
+    pub port: u16,
+    /// `resources` of the container, as in a pod spec.
+    pub resources: Value,
+    // The fields below default when missing, so that a copy of the settings made before they
+    // existed still loads (with nothing mounted and no workload choice).
+    /// ConfigMap whose key `config.yaml` is the proxy config.
+    #[serde(default)]
+    pub config_map: Option<String>,
+    /// ConfigMap of the tool policy; the shipped tool policy when none.
+    #[serde(default)]
+    pub policy_config_map: Option<String>,
+    /// Secret of upstream credentials, mounted with the platform's config only.
+    #[serde(default)]
+    pub credentials_secret: Option<String>,
+    /// Workloads may name their own config ConfigMap (`agentvm.dev/proxy-config`).
+    #[serde(default)]
+    pub workload_config_map: bool,
+    /// Workloads may name their own credentials Secret (`agentvm.dev/proxy-credentials`).
+    #[serde(default)]
+    pub workload_credentials_secret: bool,
 }
 
 /// Exec endpoints for the profiles without an exec server in the pod.
@@ -135,9 +168,22 @@ impl Settings {
         if settings.runtime_class.as_deref() == Some("") {
             return Err("runtime_class must be null or a RuntimeClass name, not empty".into());
         }
-        for (name, c) in [("proxy", &settings.proxy), ("exec", &settings.exec)] {
-            if c.image.is_empty() {
+        for (name, image) in [
+            ("proxy", &settings.proxy.image),
+            ("exec", &settings.exec.image),
+        ] {
+            if image.is_empty() {
                 return Err(format!("{name}.image must not be empty"));
+            }
+        }
+        let p = &settings.proxy;
+        for (field, name) in [
+            ("proxy.config_map", &p.config_map),
+            ("proxy.policy_config_map", &p.policy_config_map),
+            ("proxy.credentials_secret", &p.credentials_secret),
+        ] {
+            if let Some(name) = name {
+                crate::proxy_mounts::check_name(field, name)?;
             }
         }
         Ok(settings)
@@ -185,6 +231,13 @@ mod tests {
                 "unknown variant",
             ),
             ("/credentials", json!("keep"), "unknown variant"),
+            ("/proxy/config_map", json!("Tools"), "proxy.config_map"),
+            (
+                "/proxy/credentials_secret",
+                json!(""),
+                "proxy.credentials_secret",
+            ),
+            ("/proxy/workload_config_map", json!("yes"), "invalid type"),
         ];
         for (pointer, value, word) in bad {
             let mut s = settings();
@@ -192,6 +245,21 @@ mod tests {
             let err = Settings::from_json(s).unwrap_err();
             assert!(err.contains(word), "{pointer}: {err}");
         }
+        let mut before_proxy_mounts = settings();
+        for key in [
+            "config_map",
+            "policy_config_map",
+            "credentials_secret",
+            "workload_config_map",
+            "workload_credentials_secret",
+        ] {
+            before_proxy_mounts["proxy"]
+                .as_object_mut()
+                .unwrap()
+                .remove(key);
+        }
+        let old = Settings::from_json(before_proxy_mounts).unwrap();
+        assert!(old.proxy.config_map.is_none() && !old.proxy.workload_config_map);
         let mut typo = settings();
         typo["debug"]["allow_ephemeral_container"] = json!(true);
         assert!(Settings::from_json(typo)

@@ -34,6 +34,49 @@ fn every_capture_keeps_the_invariants() {
     }
 }
 
+#[test]
+fn every_capture_keeps_the_invariants_when_the_proxy_gets_its_mounts() {
+    // The platform names the proxy's config, tool policy and credentials: every capture still
+    // mutates once and for all, passes /validate, and only the proxy mounts those volumes.
+    let reviewer = reviewer_with(PLATFORM_PROXY);
+    let mut injected = 0;
+    for (name, review) in captures() {
+        let req = request(&review);
+        let Some(patched) = mutate_and_check(&reviewer, &req, &name) else {
+            continue;
+        };
+        let pointers = [
+            "/spec/template/spec",
+            "/spec/jobTemplate/spec/template/spec",
+            "/spec",
+        ];
+        let Some(spec) = pointers
+            .iter()
+            .filter_map(|p| patched.pointer(p))
+            .find(|s| s.get("initContainers").is_some())
+        else {
+            continue;
+        };
+        let text = |list: &str| spec[list].to_string();
+        if !text("initContainers").contains("\"agentvm-proxy\"") {
+            continue;
+        }
+        injected += 1;
+        assert!(
+            text("volumes").contains("agentvm-proxy-credentials"),
+            "{name}"
+        );
+        for list in ["initContainers", "containers", "ephemeralContainers"] {
+            for c in spec[list].as_array().into_iter().flatten() {
+                let mounts = c["volumeMounts"].to_string();
+                let ours = mounts.contains("\"agentvm-proxy-");
+                assert_eq!(ours, c["name"] == "agentvm-proxy", "{name}: {}", c["name"]);
+            }
+        }
+    }
+    assert!(injected > 20, "only {injected} captures got the proxy");
+}
+
 fn outcome(name: &str, mode: Mode) -> agentvm_webhook::admission::Outcome {
     let (_, review) = captures()
         .into_iter()

@@ -163,8 +163,14 @@ fn metadata() -> impl Strategy<Value = Value> {
         ],
         any::<bool>(),
         any::<bool>(),
+        prop::sample::select(vec![
+            json!({}),
+            json!({"agentvm.dev/proxy-config": "team-tools"}),
+            json!({"agentvm.dev/proxy-credentials": "team-tokens"}),
+            json!({"agentvm.dev/proxy-config": "team-tools", "agentvm.dev/proxy-credentials": "team-tokens"}),
+        ]),
     )
-        .prop_map(|(profile, odd_keys, annotations)| {
+        .prop_map(|(profile, odd_keys, annotations, proxy)| {
             let mut labels = json!({"agentvm.dev/agent": "true"});
             if let Some(p) = profile {
                 labels["agentvm.dev/profile"] = json!(p);
@@ -175,6 +181,9 @@ fn metadata() -> impl Strategy<Value = Value> {
             let mut meta = json!({"labels": labels});
             if annotations {
                 meta["annotations"] = json!({"example.com/owner": "team-a"});
+            }
+            for (k, v) in proxy.as_object().unwrap() {
+                meta["annotations"][k] = v.clone();
             }
             meta
         })
@@ -308,8 +317,9 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
-    fn profile_applies_cleanly_once_and_for_all((object, kind) in object()) {
-        let reviewer = reviewer();
+    fn profile_applies_cleanly_once_and_for_all((object, kind) in object(), platform in any::<bool>()) {
+        // With and without the platform naming the proxy's config, tool policy and credentials.
+        let reviewer = if platform { reviewer_with(PLATFORM_PROXY) } else { reviewer() };
         let req = review_for(&object, kind);
         let patched = mutate_and_check(&reviewer, &req, kind).expect("fixable pods are allowed");
         let before = template(&object, kind);
@@ -326,6 +336,19 @@ proptest! {
         };
         for list in ["containers", "initContainers"] {
             prop_assert_eq!(names(&before["spec"], list), names(&after["spec"], list));
+        }
+        // The proxy's volumes are mounted by the proxy alone; the one Secret volume left is its
+        // credentials.
+        for list in ["containers", "initContainers"] {
+            for c in after["spec"][list].as_array().into_iter().flatten() {
+                let ours = c["volumeMounts"].to_string().contains("\"agentvm-proxy-");
+                prop_assert_eq!(ours && c["name"] != "agentvm-proxy", false);
+            }
+        }
+        for v in after["spec"]["volumes"].as_array().into_iter().flatten() {
+            if v.get("secret").is_some() {
+                prop_assert_eq!(&v["name"], &json!("agentvm-proxy-credentials"));
+            }
         }
         // Nothing outside the pod template changes.
         let tp = match kind { "Pod" => "", "Deployment" => "/spec/template", _ => "/spec/jobTemplate/spec/template" };

@@ -38,6 +38,24 @@ pub fn reviewer() -> Reviewer {
     Reviewer::fixed(Policies::shipped().expect("shipped policies load"))
 }
 
+/// A reviewer with the shipped policies and settings overridden by `settings_yaml` (the keys
+/// under `agentvm_settings`, as a data document holds them).
+pub fn reviewer_with(settings_yaml: &str) -> Reviewer {
+    let mut sources = agentvm_webhook::policies::shipped_sources();
+    sources.push(agentvm_common::policy::Source::new(
+        "data.yaml",
+        format!("agentvm_settings:\n{settings_yaml}"),
+    ));
+    Reviewer::fixed(Policies::from_sources(sources, "test".into()).expect("settings load"))
+}
+
+/// Settings that give every proxy the platform's config, tool policy and credentials.
+pub const PLATFORM_PROXY: &str = "  proxy:
+    config_map: agentvm-proxy
+    policy_config_map: agentvm-tools
+    credentials_secret: agentvm-proxy-credentials
+";
+
 /// Parses an AdmissionReview value.
 pub fn request(review: &Value) -> Request {
     review::from_value(review.clone()).expect("valid AdmissionReview")
