@@ -126,6 +126,19 @@ fn chart_lints_strictly_and_refuses_unknown_values() {
         "settings.credentials=keep",
     ]);
     assert!(!ok && text.contains("credentials"), "{text}");
+    for (value, word) in [
+        (
+            "proxy.configMapp=x",
+            "additional properties 'configMapp' not allowed",
+        ),
+        (
+            "proxy.credentialsSecret=Team_Tokens",
+            "/proxy/credentialsSecret",
+        ),
+    ] {
+        let (ok, text) = helm(&["template", "t", chart.to_str().unwrap(), "--set", value]);
+        assert!(!ok && text.contains(word), "{value}: {text}");
+    }
 }
 
 #[test]
@@ -232,6 +245,14 @@ fn non_default_render_is_valid() {
         "webhook.reviewConnect=false",
         "--set",
         "replicaCount=3",
+        "--set",
+        "proxy.configMap=agentvm-proxy",
+        "--set",
+        "proxy.policyConfigMap=agentvm-tools",
+        "--set",
+        "proxy.credentialsSecret=agentvm-proxy-credentials",
+        "--set",
+        "proxy.workloadCredentialsSecret=false",
     ]);
     validate(&objects, "custom");
     let policies: Vec<&Value> = objects
@@ -293,6 +314,17 @@ fn non_default_render_is_valid() {
         settings.as_str().unwrap().contains("credentials: deny"),
         "{settings}"
     );
+    for line in [
+        "config_map: \"agentvm-proxy\"",
+        "policy_config_map: \"agentvm-tools\"",
+        "credentials_secret: \"agentvm-proxy-credentials\"",
+        "workload_credentials_secret: false",
+    ] {
+        assert!(
+            settings.as_str().unwrap().contains(line),
+            "{line}: {settings}"
+        );
+    }
 }
 
 /// The rendered chart, served: policies and settings from the ConfigMap, certificate from the
@@ -300,7 +332,14 @@ fn non_default_render_is_valid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_with_the_rendered_configuration() {
     agentvm_common::tls::install_default_provider();
-    let objects = render(&["--set", "certificates.mode=helm"]);
+    let objects = render(&[
+        "--set",
+        "certificates.mode=helm",
+        "--set",
+        "proxy.configMap=agentvm-proxy",
+        "--set",
+        "proxy.credentialsSecret=agentvm-proxy-credentials",
+    ]);
     validate(&objects, "helm-certificates");
     let dir = std::env::temp_dir().join(format!("agentvm-chart-e2e-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("policies")).unwrap();
@@ -415,6 +454,27 @@ async fn serve_answers_with_the_rendered_configuration() {
         proxy["image"], "agentvm/agentvm-sidecar:0.1.0",
         "image from the chart values"
     );
+    // The proxy's ConfigMap and Secret from the chart values, mounted into the proxy only.
+    assert_eq!(
+        proxy["args"],
+        json!([
+            "proxy",
+            "--listen",
+            "127.0.0.1:7411",
+            "--config",
+            "/etc/agentvm/proxy/config.yaml",
+            "--allow-missing"
+        ])
+    );
+    let volumes = patched["spec"]["volumes"].to_string();
+    assert!(
+        volumes.contains(r#""secretName":"agentvm-proxy-credentials""#),
+        "{volumes}"
+    );
+    assert!(patched["spec"]["containers"][0]["volumeMounts"]
+        .to_string()
+        .find("agentvm-proxy")
+        .is_none());
 
     // The release namespace is excluded by the rendered settings, as the chart excludes it
     // from the webhook entries.

@@ -95,6 +95,7 @@ fn the_examples_pass_the_strict_kubernetes_schemas_after_review() {
         .args(["review", "-o", "json"])
         .arg(repo_tests().join("../examples/agent-deployment.yaml"))
         .arg(repo_tests().join("../examples/mixed-manifest.yaml"))
+        .arg(repo_tests().join("../examples/proxy-upstreams.yaml"))
         .output()
         .unwrap();
     let dir = std::env::temp_dir().join(format!("agentvm-example-schemas-{}", std::process::id()));
@@ -106,7 +107,8 @@ fn the_examples_pass_the_strict_kubernetes_schemas_after_review() {
         std::fs::write(&path, v["patched"].to_string()).unwrap();
         files.push(path);
     }
-    assert_eq!(files.len(), 4);
+    // 1 + 3 + 3 documents; the proxy example's ConfigMap and Secret pass untouched.
+    assert_eq!(files.len(), 7);
     let out = Command::new(validate)
         .arg("--strict")
         .args(&files)
@@ -114,7 +116,7 @@ fn the_examples_pass_the_strict_kubernetes_schemas_after_review() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && text.matches(" passed for resource ").count() == 4,
+        out.status.success() && text.matches(" passed for resource ").count() == 7,
         "{text}"
     );
     std::fs::remove_dir_all(&dir).unwrap();

@@ -57,6 +57,11 @@ seccompProfile:
 {{- toJson $all -}}
 {{- end -}}
 
+{{/* An object name as a quoted YAML string, or null when empty. */}}
+{{- define "agentvm.nameOrNull" -}}
+{{- if . }}{{ . | quote }}{{ else }}null{{ end -}}
+{{- end -}}
+
 {{/* Settings for the policies, from the values (policies/README.md lists them). */}}
 {{- define "agentvm.settings" -}}
 agentvm_settings:
@@ -67,6 +72,11 @@ agentvm_settings:
   allowed_profiles: {{ toJson .Values.settings.allowedProfiles }}
   proxy:
     image: {{ include "agentvm.sidecarImage" . | quote }}
+    config_map: {{ include "agentvm.nameOrNull" .Values.proxy.configMap }}
+    policy_config_map: {{ include "agentvm.nameOrNull" .Values.proxy.policyConfigMap }}
+    credentials_secret: {{ include "agentvm.nameOrNull" .Values.proxy.credentialsSecret }}
+    workload_config_map: {{ .Values.proxy.workloadConfigMap }}
+    workload_credentials_secret: {{ .Values.proxy.workloadCredentialsSecret }}
   exec:
     image: {{ include "agentvm.sidecarImage" . | quote }}
   exec_endpoints:
