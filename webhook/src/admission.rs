@@ -332,7 +332,7 @@ impl Ctx<'_> {
         let reach = self
             .req
             .object()
-            .map(ephemeral_reach_into_proxy)
+            .map(crate::proxy_mounts::debug_reach)
             .unwrap_or_default();
         if !reach.is_empty() {
             return self.deny(403, &reach, Verdict::Denied);
@@ -552,37 +552,6 @@ impl Outcome {
         self.profile = Some(profile);
         self
     }
-}
-
-/// Ephemeral containers that would reach the proxy's config, tool policy or credentials: by
-/// mounting its volumes, or by targeting its container (which shares its processes, and so its
-/// files through `/proc`).
-fn ephemeral_reach_into_proxy(pod: &Value) -> Vec<String> {
-    let mut out = Vec::new();
-    let containers = pod
-        .pointer("/spec/ephemeralContainers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten();
-    for c in containers {
-        let name = crate::podspec::name_of(c);
-        for volume in crate::podspec::proxy_volume_mounts(c) {
-            out.push(format!(
-                "ephemeral container {name} mounts volume {volume}, which only {} may mount",
-                crate::keys::PROXY_CONTAINER
-            ));
-        }
-        if c.get("targetContainerName").and_then(Value::as_str)
-            == Some(crate::keys::PROXY_CONTAINER)
-        {
-            out.push(format!(
-                "ephemeral container {name} targets {}, whose credentials no debug container may \
-                 reach",
-                crate::keys::PROXY_CONTAINER
-            ));
-        }
-    }
-    out
 }
 
 /// A workload selector must still match its template after the labels agentvm sets.

@@ -12,9 +12,10 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::keys::{
-    PROXY_CONFIG_DIR, PROXY_CONFIG_KEY, PROXY_CONFIG_VOLUME, PROXY_CREDENTIALS_DIR,
-    PROXY_CREDENTIALS_VOLUME, PROXY_POLICY_DIR, PROXY_POLICY_VOLUME,
+    PROXY_CONFIG_DIR, PROXY_CONFIG_KEY, PROXY_CONFIG_VOLUME, PROXY_CONTAINER,
+    PROXY_CREDENTIALS_DIR, PROXY_CREDENTIALS_VOLUME, PROXY_POLICY_DIR, PROXY_POLICY_VOLUME,
 };
+use crate::podspec;
 
 /// The file mode the API server gives ConfigMap and Secret volumes that set none (0644), spelled
 /// out so that a stored template and the pods made from it come back unchanged.
@@ -137,6 +138,34 @@ impl ProxyMounts {
         volume.get("name").and_then(Value::as_str) == Some(PROXY_CREDENTIALS_VOLUME)
             && volume.pointer("/secret/secretName").and_then(Value::as_str) == Some(secret)
     }
+}
+
+/// Ephemeral containers (`kubectl debug`) of `pod` that would reach the proxy's config, tool
+/// policy or credentials: by mounting its volumes, or by targeting its container (whose
+/// processes, and so whose files through `/proc`, they would share). One message each.
+pub fn debug_reach(pod: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let containers = pod
+        .pointer("/spec/ephemeralContainers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten();
+    for c in containers {
+        let name = podspec::name_of(c);
+        for volume in podspec::proxy_volume_mounts(c) {
+            out.push(format!(
+                "ephemeral container {name} mounts volume {volume}, which only {PROXY_CONTAINER} \
+                 may mount"
+            ));
+        }
+        if c.get("targetContainerName").and_then(Value::as_str) == Some(PROXY_CONTAINER) {
+            out.push(format!(
+                "ephemeral container {name} targets {PROXY_CONTAINER}, whose credentials no \
+                 debug container may reach"
+            ));
+        }
+    }
+    out
 }
 
 /// Whether `name` can name a ConfigMap or Secret: a DNS subdomain (RFC 1123), as the API server
