@@ -4,7 +4,7 @@
 #
 # Who chooses what:
 # - the tool policy is the platform's (settings proxy.policy_config_map): a workload never
-#   chooses it, since it is what decides the agent's tool calls;
+#   chooses it, since it is what decides the agent's tool calls, prompts and resources;
 # - the config is the platform's (proxy.config_map) unless the workload names its own with the
 #   annotation agentvm.dev/proxy-config (when proxy.workload_config_map allows it). Its upstreams
 #   are no more than the pod can reach anyway: the agent shares the proxy's network;

@@ -62,8 +62,8 @@ struct ProxyArgs {
     #[arg(long, env = "AGENTVM_POLICIES")]
     policies: Option<PathBuf>,
     /// Start even when the --config file or the policy in --policies is missing (mounted from a
-    /// ConfigMap with `optional: true` that does not exist yet): no upstreams, and every tool
-    /// call denied, until they appear; they are then loaded like any change.
+    /// ConfigMap with `optional: true` that does not exist yet): no upstreams, and every
+    /// request denied, until they appear; they are then loaded like any change.
     #[arg(long, env = "AGENTVM_ALLOW_MISSING")]
     allow_missing: bool,
     /// Exec backend base URL; overrides the config file's exec.endpoint.
@@ -544,7 +544,7 @@ fn load_tool_policy(dir: &Path, allow_missing: bool) -> Result<ToolPolicy, Polic
     if policy.is_none_yet() {
         tracing::warn!(
             path = %dir.display(),
-            "no tool policy in the folder: every tool call is denied until one appears"
+            "no tool policy in the folder: every request is denied until one appears"
         );
     }
     Ok(policy)

@@ -5,7 +5,7 @@
 //! Volumes, not `subPath` mounts: the kubelet updates a mounted ConfigMap by swapping a link in
 //! its folder, which the proxy's reload sees; a `subPath` mount never changes. Every volume is
 //! `optional: true`, so that a missing object does not hold the pod in ContainerCreating: the
-//! proxy starts without it (`--allow-missing`: no upstreams, every tool call denied without a
+//! proxy starts without it (`--allow-missing`: no upstreams, every request denied without a
 //! tool policy) and loads it when it appears.
 
 use serde::Deserialize;
