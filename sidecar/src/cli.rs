@@ -69,6 +69,10 @@ struct ProxyArgs {
     /// Exec backend base URL; overrides the config file's exec.endpoint.
     #[arg(long, env = "AGENTVM_EXEC_ENDPOINT")]
     exec_endpoint: Option<String>,
+    /// Folder every credentialFile must be in (the credentials Secret's mount): a config that
+    /// names a file elsewhere is refused, and a file whose links lead out of it is not read.
+    #[arg(long, env = "AGENTVM_CREDENTIALS_DIR")]
+    credentials_dir: Option<PathBuf>,
     /// Pod name of the agent (downward API).
     #[arg(long, env = "AGENTVM_POD_NAME", default_value = "")]
     pod_name: String,
@@ -514,6 +518,7 @@ fn load_proxy_config(
     path: Option<&Path>,
     allow_missing: bool,
     exec_endpoint: Option<&str>,
+    credentials_dir: Option<&Path>,
 ) -> Result<ProxyConfig, proxy::config::ConfigError> {
     let mut config = match path {
         None => ProxyConfig::default(),
@@ -531,6 +536,9 @@ fn load_proxy_config(
             endpoint: endpoint.to_owned(),
         });
         config.check()?;
+    }
+    if let Some(dir) = credentials_dir {
+        config.confine_credentials(dir)?;
     }
     Ok(config)
 }
@@ -557,6 +565,7 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
         args.config.as_deref(),
         args.allow_missing,
         exec_override.as_deref(),
+        args.credentials_dir.as_deref(),
     );
     let config = match loaded {
         Ok(c) => c,
@@ -634,6 +643,7 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
         if let Some(path) = args.config.clone() {
             let routes = state.routes.clone();
             let load_path = path.clone();
+            let credentials_dir = args.credentials_dir.clone();
             spawn_watch(
                 state.routes.clone(),
                 vec![path],
@@ -643,6 +653,7 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
                         Some(&load_path),
                         allow_missing,
                         exec_override.as_deref(),
+                        credentials_dir.as_deref(),
                     )?;
                     Ok::<_, proxy::config::ConfigError>(proxy::state::Routes::new(
                         &config,

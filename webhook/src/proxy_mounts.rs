@@ -109,6 +109,9 @@ impl ProxyMounts {
         if self.config_map.is_some() {
             out.push("--config".into());
             out.push(format!("{PROXY_CONFIG_DIR}/{PROXY_CONFIG_KEY}"));
+            // The config names credential files; they may only be the Secret's.
+            out.push("--credentials-dir".into());
+            out.push(PROXY_CREDENTIALS_DIR.into());
         }
         if self.policy_config_map.is_some() {
             out.push("--policies".into());
@@ -250,6 +253,8 @@ mod tests {
             [
                 "--config",
                 "/etc/agentvm/proxy/config.yaml",
+                "--credentials-dir",
+                "/var/run/agentvm/credentials",
                 "--allow-missing"
             ]
         );

@@ -264,12 +264,19 @@ fn non_default_render_is_valid() {
         3,
         "exec isolation in team-a and team-b, dispatcher ingress in team-b"
     );
-    let dispatcher_ingress = find(&objects, "NetworkPolicy", "agentvm-dispatcher-ingress");
-    assert_eq!(
-        dispatcher_ingress["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
-            ["agentvm.dev/agent"],
-        "true"
-    );
+    // Only agents of the matching effective profile may reach an exec pod or a dispatcher: an
+    // agent of another profile must not bypass its proxy.
+    for (name, profile) in [
+        ("agentvm-dispatcher-ingress", "dispatcher"),
+        ("agentvm-exec-isolation", "exec-pod"),
+    ] {
+        let policy = find(&objects, "NetworkPolicy", name);
+        assert_eq!(
+            policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"],
+            json!({"agentvm.dev/agent": "true", "agentvm.dev/profile": profile}),
+            "{name}"
+        );
+    }
     assert_eq!(
         find(&objects, "Deployment", "agentvm-exec")["metadata"]["namespace"],
         "team-a"
@@ -463,6 +470,8 @@ async fn serve_answers_with_the_rendered_configuration() {
             "127.0.0.1:7411",
             "--config",
             "/etc/agentvm/proxy/config.yaml",
+            "--credentials-dir",
+            "/var/run/agentvm/credentials",
             "--allow-missing"
         ])
     );

@@ -77,6 +77,11 @@ fn assert_proxy_only(spec: &Value, meta: &Value) {
         has(&["--config", "/etc/agentvm/proxy/config.yaml"]),
         config.is_some()
     );
+    assert_eq!(
+        has(&["--credentials-dir", "/var/run/agentvm/credentials"]),
+        config.is_some(),
+        "a config's credential files are confined to the Secret's folder"
+    );
     assert_eq!(has(&["--policies", "/etc/agentvm/tools"]), policy.is_some());
     let any = config.is_some() || policy.is_some() || credentials.is_some();
     assert_eq!(args.contains(&"--allow-missing"), any, "{args:?}");

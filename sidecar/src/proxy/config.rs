@@ -67,6 +67,10 @@ pub struct UpstreamConfig {
     /// stripped). Mounted into the proxy container only.
     #[serde(default)]
     pub credential_file: Option<PathBuf>,
+    /// The folder `credential_file` must resolve into, when the proxy confines credentials
+    /// (`--credentials-dir`); not part of the file.
+    #[serde(skip)]
+    pub credentials_dir: Option<PathBuf>,
 }
 
 /// Where the built-in exec tool sends commands.
@@ -130,6 +134,30 @@ impl ProxyConfig {
         };
         config.check()?;
         Ok(config)
+    }
+
+    /// Refuses a `credentialFile` outside `dir` (relative, with `.` or `..`, or not below it),
+    /// and has every upstream check again, when it reads the file, that the file resolves
+    /// into `dir` (symbolic links included).
+    pub fn confine_credentials(&mut self, dir: &Path) -> Result<(), ConfigError> {
+        use std::path::Component;
+        for u in &mut self.upstreams {
+            if let Some(file) = &u.credential_file {
+                let plain = file.is_absolute()
+                    && file
+                        .components()
+                        .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+                if !plain || !file.starts_with(dir) || file == dir {
+                    return Err(ConfigError::Invalid(format!(
+                        "credentialFile of upstream {} must be a file in {}",
+                        u.name,
+                        dir.display()
+                    )));
+                }
+            }
+            u.credentials_dir = Some(dir.to_path_buf());
+        }
+        Ok(())
     }
 
     /// Checks names and URLs (done by [`ProxyConfig::parse`]; call again after changing it).
@@ -233,6 +261,33 @@ mod tests {
             Some(ProxyConfig::default())
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn credential_files_are_confined_to_their_folder() {
+        let dir = Path::new("/var/run/agentvm/credentials");
+        let with = |file: &str| {
+            ProxyConfig::parse(&format!(
+                "upstreams:\n  - name: gh\n    url: http://h/mcp\n    credentialFile: {file}\n"
+            ))
+            .unwrap()
+        };
+        let mut inside = with("/var/run/agentvm/credentials/gh");
+        inside.confine_credentials(dir).unwrap();
+        assert_eq!(inside.upstreams[0].credentials_dir.as_deref(), Some(dir));
+        for outside in [
+            "/etc/passwd",
+            "/var/run/agentvm/credentials/../../../../etc/passwd",
+            "/var/run/agentvm/credentials",
+            "/var/run/agentvm/credentials-other/gh",
+            "credentials/gh",
+        ] {
+            let err = with(outside).confine_credentials(dir).unwrap_err();
+            assert!(
+                err.to_string().contains("must be a file in"),
+                "{outside}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -347,9 +347,18 @@ impl Upstream {
         let Some(path) = &self.config.credential_file else {
             return Ok(None);
         };
+        let refused = || UpstreamError::Credential(self.config.name.clone());
+        if let Some(dir) = &self.config.credentials_dir {
+            // The Secret's files are links into its own folder; nothing may lead out of it.
+            let real = std::fs::canonicalize(path).map_err(|_| refused())?;
+            let real_dir = std::fs::canonicalize(dir).map_err(|_| refused())?;
+            if !real.starts_with(&real_dir) {
+                tracing::warn!(upstream = %self.config.name, "credential file leads out of the credentials folder; refused");
+                return Err(refused());
+            }
+        }
         // Re-read every time: a rotated token is used from the next call on.
-        let text = std::fs::read_to_string(path)
-            .map_err(|_| UpstreamError::Credential(self.config.name.clone()))?;
+        let text = std::fs::read_to_string(path).map_err(|_| refused())?;
         Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()))
     }
 
@@ -530,6 +539,36 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_credential_link_out_of_its_folder_is_not_read() {
+        let root =
+            std::env::temp_dir().join(format!("agentvm-cred-confine-{}", std::process::id()));
+        let dir = root.join("credentials");
+        std::fs::create_dir_all(dir.join("..data")).unwrap();
+        std::fs::write(dir.join("..data/gh"), "token\n").unwrap();
+        std::fs::write(root.join("outside"), "not yours\n").unwrap();
+        // The kubelet's layout: the file is a link into the folder's own ..data.
+        std::os::unix::fs::symlink("..data/gh", dir.join("gh")).unwrap();
+        std::os::unix::fs::symlink("../outside", dir.join("escape")).unwrap();
+        let upstream = |file: &str| {
+            Upstream::new(UpstreamConfig {
+                name: "gh".into(),
+                url: "http://127.0.0.1:9/mcp".into(),
+                credential_file: Some(dir.join(file)),
+                credentials_dir: Some(dir.clone()),
+            })
+        };
+        assert_eq!(
+            upstream("gh").credential().unwrap().as_deref(),
+            Some("token")
+        );
+        assert!(matches!(
+            upstream("escape").credential(),
+            Err(UpstreamError::Credential(_))
+        ));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn sse_events_are_split_and_joined() {
