@@ -28,7 +28,10 @@ default allow := false
 # Profiles with an exec surface.
 exec_profiles := {"sidecar-exec", "exec-pod", "dispatcher"}
 
-# Programs the exec tool never runs, by base name.
+# Programs the exec tool refuses as argv[0], by base name. A speed bump, not a boundary: a
+# command can start them in other ways (`env unshare`, `sh -c "unshare ..."`, a copy under
+# another name); what stops them is the exec container's seccomp profile and dropped
+# capabilities.
 blocked_programs := {"nsenter", "mount", "umount", "chroot", "unshare", "setpriv", "capsh"}
 
 # Tools, prompts and resources of the upstreams the platform configured are allowed.
@@ -61,6 +64,7 @@ deny contains "exec needs argv as a non-empty list of strings" if {
 }
 
 valid_argv(args) if {
+	is_array(args.argv)
 	count(args.argv) > 0
 	every a in args.argv {
 		is_string(a)

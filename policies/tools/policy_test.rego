@@ -37,6 +37,7 @@ test_bad_argv_is_denied if {
 	count(deny) == 1 with input as call("agentvm", "exec", {"argv": []}, "sidecar-exec")
 	count(deny) == 1 with input as call("agentvm", "exec", {"argv": [1]}, "sidecar-exec")
 	count(deny) == 1 with input as call("agentvm", "exec", {}, "sidecar-exec")
+	count(deny) == 1 with input as call("agentvm", "exec", {"argv": {"0": "ls"}}, "sidecar-exec")
 }
 
 test_an_empty_input_is_not_allowed if {

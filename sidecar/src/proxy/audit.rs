@@ -52,7 +52,7 @@ impl<'a> Record<'a> {
             upstream = self.upstream,
             tool = self.tool,
             uri = self.uri,
-            reason = %self.reason,
+            reason = self.reason.as_str(),
             latency_us = self.started.elapsed().as_micros() as u64,
             upstream_us = self.upstream_us,
             args_sha256 = self.args_digest,

@@ -8,6 +8,12 @@ use serde_json::{json, Map, Value};
 
 use super::upstream::{HttpClient, Limits};
 
+/// The least the proxy accepts from the exec backend: its 1 MiB of stdout and of stderr, each
+/// byte escaped as JSON at worst six times its size (`\u0000`), and the rest of the answer.
+/// An answer the command's caps allow must never turn into "backend unreachable", which would
+/// invite a retry that repeats the command's side effects.
+const EXEC_ANSWER_FLOOR: usize = 2 * 6 * (1 << 20) + (64 << 10);
+
 /// The tool name the agent sees.
 pub const EXEC_TOOL: &str = "exec";
 
@@ -78,7 +84,8 @@ pub async fn call(
             .await
             .map_err(|e| transport(e.to_string()))?;
         let status = response.status();
-        let bytes = Limited::new(response.into_body(), limits.max_response_bytes)
+        let limit = limits.max_response_bytes.max(EXEC_ANSWER_FLOOR);
+        let bytes = Limited::new(response.into_body(), limit)
             .collect()
             .await
             .map_err(|e| transport(e.to_string()))?

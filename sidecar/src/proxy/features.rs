@@ -4,11 +4,13 @@
 //! Naming: a prompt `p` of upstream `u` is `u__p` to the agent, like tools. Resource URIs are
 //! left as the upstream wrote them (results and embedded resources refer to them): a URI
 //! belongs to the first upstream, in config order, that lists it or has a template matching
-//! it; when the proxy fronts a single upstream, every URI is that upstream's. A URI listed by
-//! two upstreams is shown once, the first upstream's, so that listing and routing agree.
+//! it; other URIs do not exist. A URI listed by two upstreams is shown once, the first
+//! upstream's, so that listing and routing agree.
 //!
 //! What the agent gets for a prompt or resource that is denied is exactly what it gets for one
-//! that does not exist; the reasons go to the audit record only.
+//! that does not exist: the proxy's own error, also in place of an upstream's error for a
+//! resource it cannot read (only the upstream knows which URIs of a template exist). The
+//! reasons go to the audit record only.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -48,7 +50,7 @@ async fn gather(state: &Arc<ProxyState>, routes: &Routes, kind: Kind) -> Vec<(us
                 tracing::warn!(
                     upstream = name.unwrap_or(""),
                     method = kind.method(),
-                    error = %e,
+                    error = ?e.to_string(),
                     "listing failed; its entries are left out"
                 );
             }
@@ -133,7 +135,8 @@ pub async fn list_resources(state: &Arc<ProxyState>, id: &Value, kind: Kind) -> 
 }
 
 /// The upstream a resource URI belongs to: the first that lists it, else the first with a
-/// matching template, else the only one. Lists again once when the listings do not tell.
+/// matching template. Lists again (listings older than the freshness limit only) when the
+/// listings do not tell.
 async fn route_uri(
     state: &ProxyState,
     routes: &Routes,
@@ -155,12 +158,11 @@ async fn route_uri(
     if let Some(found) = find(routes) {
         return Ok(Some(found));
     }
-    if routes.upstreams.len() == 1 {
-        return Ok(Some(0));
-    }
     for u in &routes.upstreams {
-        u.list(&state.client, state.limits, Kind::Resources).await?;
-        u.list(&state.client, state.limits, Kind::Templates).await?;
+        u.refresh(&state.client, state.limits, Kind::Resources)
+            .await?;
+        u.refresh(&state.client, state.limits, Kind::Templates)
+            .await?;
     }
     Ok(find(routes))
 }
@@ -340,6 +342,11 @@ pub async fn get_prompt(state: &Arc<ProxyState>, id: &Value, params: &Value) -> 
 
 /// `resources/read`, `resources/subscribe` and `resources/unsubscribe` of `params.uri`,
 /// decided with that method and the URI.
+///
+/// A subscription is forwarded when policy allows it and an upstream offers the URI, and is
+/// answered with success in every case: the proxy relays no updates, so a subscription changes
+/// nothing the agent can see, and answering alike keeps denied, unknown and allowed URIs apart
+/// for the audit record only (subscribing to a URI that does not exist yet is legitimate).
 pub async fn resource(
     state: &Arc<ProxyState>,
     id: &Value,
@@ -354,6 +361,21 @@ pub async fn resource(
             &format!("{method} needs params.uri"),
         );
     };
+    let answer = decide_resource(state, id, method, uri, era).await;
+    if method == "resources/read" {
+        answer
+    } else {
+        result(id, json!({}))
+    }
+}
+
+async fn decide_resource(
+    state: &Arc<ProxyState>,
+    id: &Value,
+    method: &str,
+    uri: &str,
+    era: Era,
+) -> Value {
     let digest = audit::digest(&json!({"uri": uri}));
     let mut record = audit::Record::new(&state.agent, method, &digest, Instant::now());
     record.uri = uri;
@@ -391,7 +413,7 @@ pub async fn resource(
         return refuse(&mut record, verdict, decision.reasons.join("; "), unknown);
     }
     record.decision = "allow";
-    forward(
+    let answer = forward(
         state,
         id,
         upstream,
@@ -399,7 +421,14 @@ pub async fn resource(
         json!({"uri": uri}),
         &mut record,
     )
-    .await
+    .await;
+    let refused_by_upstream = answer.get("error").is_some()
+        && answer.pointer("/error/code") != Some(&json!(code::INTERNAL_ERROR));
+    if refused_by_upstream {
+        // The upstream's own "not found" would tell a missing URI from a denied one.
+        return unknown;
+    }
+    answer
 }
 
 /// `completion/complete` for a prompt (`ref/prompt`, by its agent-visible name) or a resource
@@ -433,8 +462,25 @@ pub async fn complete(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Va
                     unknown(name),
                 );
             };
-            let mut own_ref = reference.clone();
-            own_ref["name"] = json!(own);
+            match upstream
+                .has(&state.client, state.limits, Kind::Prompts, own)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    return refuse(
+                        &mut record,
+                        "unknown",
+                        "no such prompt".into(),
+                        unknown(name),
+                    )
+                }
+                Err(e) => {
+                    let answer = error(id, code::INTERNAL_ERROR, &e.to_string());
+                    return refuse(&mut record, "unknown", e.to_string(), answer);
+                }
+            }
+            let own_ref = json!({"type": "ref/prompt", "name": own});
             let input = DecisionInput {
                 method: "completion/complete",
                 upstream: &upstream.config.name,
@@ -449,11 +495,26 @@ pub async fn complete(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Va
                 return error(id, code::INVALID_PARAMS, "ref/resource needs a uri");
             };
             record.uri = uri;
-            let index = routes.upstreams.iter().position(|u| {
+            let offers = |u: &Upstream| {
                 u.knows(Kind::Templates, uri) == Some(true)
                     || u.knows(Kind::Resources, uri) == Some(true)
-            });
-            let index = index.or((routes.upstreams.len() == 1).then_some(0));
+            };
+            let mut index = routes.upstreams.iter().position(|u| offers(u));
+            if index.is_none() {
+                for u in &routes.upstreams {
+                    let refreshed = async {
+                        u.refresh(&state.client, state.limits, Kind::Templates)
+                            .await?;
+                        u.refresh(&state.client, state.limits, Kind::Resources)
+                            .await
+                    };
+                    if let Err(e) = refreshed.await {
+                        let answer = error(id, code::INTERNAL_ERROR, &e.to_string());
+                        return refuse(&mut record, "unknown", e.to_string(), answer);
+                    }
+                }
+                index = routes.upstreams.iter().position(|u| offers(u));
+            }
             let Some(upstream) = index.and_then(|i| routes.upstreams.get(i)) else {
                 return refuse(
                     &mut record,
@@ -469,7 +530,7 @@ pub async fn complete(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Va
                 arguments: Some(&argument),
                 ..DecisionInput::empty(&state.agent)
             };
-            (upstream, reference.clone(), input)
+            (upstream, json!({"type": "ref/resource", "uri": uri}), input)
         }
         _ => {
             return error(
@@ -492,9 +553,10 @@ pub async fn complete(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Va
         );
     }
     record.decision = "allow";
+    // Built from scratch like every upstream request: no `_meta` of the agent's rides along.
     let mut forwarded = json!({"ref": own_ref, "argument": argument});
-    if let Some(context) = params.get("context") {
-        forwarded["context"] = context.clone();
+    if let Some(arguments) = params.pointer("/context/arguments") {
+        forwarded["context"] = json!({"arguments": arguments});
     }
     forward(
         state,
@@ -540,7 +602,7 @@ pub async fn set_level(state: &Arc<ProxyState>, id: &Value, params: &Value) -> V
             )
             .await;
         if let Err(e) = answer {
-            tracing::warn!(upstream = %u.config.name, error = %e, "logging/setLevel failed");
+            tracing::warn!(upstream = %u.config.name, error = ?e.to_string(), "logging/setLevel failed");
         }
     }
     result(id, json!({}))

@@ -254,7 +254,7 @@ async fn list_tools(state: &Arc<ProxyState>) -> Vec<Value> {
         let list = match listed {
             Ok(list) => list,
             Err(e) => {
-                tracing::warn!(upstream = %name, error = %e, "tools/list failed; its tools are left out");
+                tracing::warn!(upstream = %name, error = ?e.to_string(), "tools/list failed; its tools are left out");
                 continue;
             }
         };

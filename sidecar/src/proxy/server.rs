@@ -24,6 +24,9 @@ use super::state::ProxyState;
 
 const SESSION_HEADER: &str = "mcp-session-id";
 
+/// How long a request body may take to arrive.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The proxy's router.
 pub fn app(state: Arc<ProxyState>) -> Router {
     Router::new()
@@ -116,9 +119,21 @@ async fn handle_post(state: &Arc<ProxyState>, headers: &HeaderMap, body: Body) -
         let e = mcp::error(&null, code::INVALID_REQUEST, "origin not allowed");
         return json_response(StatusCode::FORBIDDEN, &e);
     }
-    let bytes = match axum::body::to_bytes(body, state.max_body_bytes).await {
-        Ok(b) => b,
+    let read = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        axum::body::to_bytes(body, state.max_body_bytes),
+    );
+    let bytes = match read.await {
+        Ok(Ok(b)) => b,
         Err(_) => {
+            let e = mcp::error(
+                &null,
+                code::INVALID_REQUEST,
+                "request body not received in time",
+            );
+            return json_response(StatusCode::REQUEST_TIMEOUT, &e);
+        }
+        Ok(Err(_)) => {
             let e = mcp::error(
                 &null,
                 code::INVALID_REQUEST,

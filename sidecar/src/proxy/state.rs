@@ -52,7 +52,7 @@ pub struct ProxyState {
     /// Access log on.
     pub access_log: bool,
     /// Session ids handed out by `initialize`.
-    pub sessions: Mutex<HashSet<String>>,
+    pub sessions: Mutex<Sessions>,
 }
 
 impl ProxyState {
@@ -71,8 +71,46 @@ impl ProxyState {
             max_body_bytes: settings.max_body_bytes,
             allowed_origins: settings.allowed_origins,
             access_log: settings.access_log,
-            sessions: Mutex::new(HashSet::new()),
+            sessions: Mutex::new(Sessions::default()),
         }
+    }
+}
+
+/// How many sessions are kept; opening one more ends the oldest.
+pub const MAX_SESSIONS: usize = 1024;
+
+/// Session ids handed out by `initialize`, at most [`MAX_SESSIONS`], oldest first.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    ids: HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Sessions {
+    /// Keeps `id`, ending the oldest session when there are too many.
+    pub fn insert(&mut self, id: String) {
+        if self.ids.insert(id.clone()) {
+            self.order.push_back(id);
+        }
+        while self.order.len() > MAX_SESSIONS {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+
+    /// Whether `id` is a live session.
+    pub fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
+    /// Ends session `id`; whether it was live.
+    pub fn remove(&mut self, id: &str) -> bool {
+        let removed = self.ids.remove(id);
+        if removed {
+            self.order.retain(|s| s != id);
+        }
+        removed
     }
 }
 
@@ -106,5 +144,21 @@ impl Routes {
             exec_endpoint: config.exec.as_ref().map(|e| e.endpoint.clone()),
             rate_limits: RateLimiter::new(&config.rate_limits),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Sessions, MAX_SESSIONS};
+
+    #[test]
+    fn sessions_are_capped_oldest_first() {
+        let mut s = Sessions::default();
+        for i in 0..=MAX_SESSIONS {
+            s.insert(i.to_string());
+        }
+        assert!(!s.contains("0"), "the oldest went");
+        assert!(s.contains("1") && s.contains(&MAX_SESSIONS.to_string()));
+        assert!(s.remove("1") && !s.remove("1"));
     }
 }

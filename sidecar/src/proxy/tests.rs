@@ -59,6 +59,12 @@ async fn upstream(log: Log, sse: bool) -> String {
                                                      {"uri": "mem://secret", "name": "s"}]}),
             "resources/templates/list" => json!({"resourceTemplates": [
                 {"uriTemplate": "mem://item/{id}", "name": "item"}]}),
+            "resources/read" if msg["params"]["uri"] == "mem://item/404" => {
+                let answer = json!({"jsonrpc": "2.0", "id": id,
+                    "error": {"code": -32002, "message": "no item 404 here"}});
+                return ([("content-type", "application/json")], answer.to_string())
+                    .into_response();
+            }
             "resources/read" => {
                 json!({"contents": [{"uri": msg["params"]["uri"], "text": "body"}]})
             }
@@ -68,7 +74,25 @@ async fn upstream(log: Log, sse: bool) -> String {
                 {"name": "echo", "inputSchema": {"type": "object"}},
                 {"name": "hidden", "inputSchema": {"type": "object"}},
                 {"name": "junk", "inputSchema": {"type": "object"}},
+                {"name": "escaped", "inputSchema": {"type": "object"}},
+                {"name": "misdirected", "inputSchema": {"type": "object"}},
             ]}),
+            "tools/call" if msg["params"]["name"] == "escaped" => {
+                // The credential it was sent, written with JSON escapes (`\/`, `\u0073`).
+                let auth = headers.get("authorization").unwrap().to_str().unwrap();
+                let escaped = auth.replacen('s', "\\u0073", 1).replace('-', "\\u002d");
+                let body = format!(
+                    r#"{{"jsonrpc":"2.0","id":{id},"result":{{"content":[{{"type":"text","text":"{escaped}"}}]}}}}"#
+                );
+                return ([("content-type", "application/json")], body).into_response();
+            }
+            "tools/call" if msg["params"]["name"] == "misdirected" => {
+                // An answer carrying another request's id.
+                let other = id.as_u64().unwrap() + 1000;
+                let answer = json!({"jsonrpc": "2.0", "id": other, "result": {"content": []}});
+                return ([("content-type", "application/json")], answer.to_string())
+                    .into_response();
+            }
             "tools/call" if msg["params"]["name"] == "junk" => {
                 return ([("content-type", "application/json")], "[1]").into_response();
             }
@@ -130,10 +154,16 @@ deny contains "no secrets" if input.prompt == "up__secret"
 deny contains "no secrets" if input.uri == "mem://secret"
 "#;
 
+/// Written once: tests run in parallel, and a file rewritten under a reading proxy would be
+/// empty for a moment.
 fn credential_file() -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("agentvm-cred-{}", std::process::id()));
-    std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
-    path
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("agentvm-cred-{}", std::process::id()));
+        std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
+        path
+    })
+    .clone()
 }
 
 fn proxy(url: &str, timeout: Duration) -> Router {
@@ -256,7 +286,17 @@ async fn tools_are_listed_with_prefixes_and_filtered_by_policy() {
             .iter()
             .map(|t| t["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["exec", "up__echo", "up__junk"], "sse={sse}");
+        assert_eq!(
+            names,
+            [
+                "exec",
+                "up__echo",
+                "up__junk",
+                "up__escaped",
+                "up__misdirected"
+            ],
+            "sse={sse}"
+        );
     }
 }
 
@@ -461,9 +501,13 @@ async fn resources_are_routed_by_uri_and_denied_ones_look_unknown() {
     );
     let (_, _, modern) = send_modern(&app, read("mem://secret")).await;
     assert_eq!(modern["error"]["code"], -32602, "2026-07-28 retired -32002");
-    let sub = json!({"jsonrpc": "2.0", "id": 4, "method": "resources/subscribe", "params": {"uri": "mem://secret"}});
-    let (_, _, body) = send(&app, sub, &[]).await;
-    assert_eq!(body["error"]["code"], -32002);
+    // Subscriptions are answered alike, denied or not; only the allowed one is forwarded.
+    for uri in ["mem://secret", "mem://a", "mem://nowhere"] {
+        let sub = json!({"jsonrpc": "2.0", "id": 4, "method": "resources/subscribe",
+                         "params": {"uri": uri}});
+        let (_, _, body) = send(&app, sub, &[]).await;
+        assert_eq!(body["result"], json!({}), "{uri}");
+    }
     let seen = log.lock().unwrap();
     assert!(
         seen.bodies
@@ -797,4 +841,98 @@ async fn sessions_end_with_delete_and_large_bodies_get_413() {
         (status, body["error"]["code"].as_i64()),
         (StatusCode::PAYLOAD_TOO_LARGE, Some(-32600))
     );
+}
+
+#[tokio::test]
+async fn upstream_requests_have_their_own_ids_and_answers_must_match() {
+    let log = Log::default();
+    let app = proxy(&upstream(log.clone(), false).await, Duration::from_secs(5));
+    let calls = (0..4).map(|i| send(&app, call(i, "up__echo", json!({"n": i})), &[]));
+    for (i, (_, _, body)) in futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        // Each agent call got its own answer back, whatever the order upstream.
+        let text = body["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(text.starts_with(&format!("{{\"n\":{i}}}")), "{text}");
+    }
+    let ids: Vec<String> = log
+        .lock()
+        .unwrap()
+        .bodies
+        .iter()
+        .filter_map(|b| b.get("id").map(Value::to_string))
+        .collect();
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "ids reused: {ids:?}");
+    let (_, _, body) = send(&app, call(9, "up__misdirected", json!({})), &[]).await;
+    assert_eq!(body["error"]["code"], -32603, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("another request"));
+}
+
+#[tokio::test]
+async fn a_credential_hidden_in_json_escapes_is_still_removed() {
+    let app = proxy(
+        &upstream(Log::default(), false).await,
+        Duration::from_secs(5),
+    );
+    let (_, _, body) = send(&app, call(1, "up__escaped", json!({})), &[]).await;
+    let text = body["result"]["content"][0]["text"].as_str().unwrap();
+    assert_eq!(text, "Bearer [redacted]", "{body}");
+    assert!(!body.to_string().contains(TOKEN));
+}
+
+#[tokio::test]
+async fn unknown_resources_and_prompt_completions_look_like_denied_ones() {
+    let log = Log::default();
+    let app = proxy(&upstream(log.clone(), false).await, Duration::from_secs(5));
+    let read = |uri: &str| json!({"jsonrpc": "2.0", "id": 3, "method": "resources/read", "params": {"uri": uri}});
+    let (_, _, denied) = send(&app, read("mem://secret"), &[]).await;
+    // A URI no listing or template offers is never sent upstream; one the upstream refuses
+    // gets the proxy's answer, not the upstream's.
+    for uri in ["mem://nowhere", "mem://item/404"] {
+        let (_, _, unknown) = send(&app, read(uri), &[]).await;
+        assert_eq!(unknown["error"]["code"], denied["error"]["code"], "{uri}");
+        assert_eq!(
+            unknown["error"]["message"]
+                .as_str()
+                .unwrap()
+                .replace(uri, "X"),
+            denied["error"]["message"]
+                .as_str()
+                .unwrap()
+                .replace("mem://secret", "X"),
+        );
+    }
+    let complete = |name: &str| {
+        json!({"jsonrpc": "2.0", "id": 5, "method": "completion/complete",
+               "params": {"ref": {"type": "ref/prompt", "name": name},
+                          "argument": {"name": "who", "value": "m"}}})
+    };
+    let (_, _, denied) = send(&app, complete("up__secret"), &[]).await;
+    let (_, _, unknown) = send(&app, complete("up__nothing"), &[]).await;
+    assert_eq!(unknown["error"], {
+        let mut e = denied["error"].clone();
+        e["message"] = json!(e["message"]
+            .as_str()
+            .unwrap()
+            .replace("up__secret", "up__nothing"));
+        e
+    });
+    let seen = log.lock().unwrap();
+    assert!(seen
+        .bodies
+        .iter()
+        .all(|b| b["params"]["uri"] != "mem://nowhere"));
+    assert!(seen
+        .bodies
+        .iter()
+        .all(|b| b["method"] != "completion/complete"));
 }

@@ -140,7 +140,14 @@ impl Kind {
     }
 }
 
-type Names = std::collections::HashMap<Kind, std::collections::HashSet<String>>;
+/// Names from the last listing of each kind, and when it was made.
+type Names =
+    std::collections::HashMap<Kind, (std::collections::HashSet<String>, std::time::Instant)>;
+
+/// A name missing from a listing younger than this is taken as absent without asking the
+/// upstream again: requests for unknown names cannot make the proxy list its upstreams at
+/// will, and answer as fast as requests for denied ones.
+pub const LISTING_FRESH_FOR: Duration = Duration::from_secs(10);
 
 /// One upstream and its session.
 #[derive(Debug)]
@@ -151,6 +158,9 @@ pub struct Upstream {
     /// Names from its last listing of each kind, so that requests for things it does not have
     /// get the proxy's own unknown-name error (the same as for a denied one).
     known: std::sync::Mutex<Names>,
+    /// JSON-RPC id of the next request: every request in flight on the shared session has its
+    /// own, and an answer is taken only for the id it carries.
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 impl Upstream {
@@ -160,6 +170,7 @@ impl Upstream {
             config,
             session: Mutex::new(None),
             known: std::sync::Mutex::new(Names::new()),
+            next_id: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
@@ -216,13 +227,14 @@ impl Upstream {
             })
             .collect();
         if let Ok(mut known) = self.known.lock() {
-            known.insert(kind, names);
+            known.insert(kind, (names, std::time::Instant::now()));
         }
         Ok(items)
     }
 
     /// Whether the upstream offers `name` of `kind`, from its last listing; lists again when
-    /// the name is not there (things come and go).
+    /// the name is not there and the listing is older than [`LISTING_FRESH_FOR`] (things come
+    /// and go).
     pub async fn has(
         &self,
         client: &HttpClient,
@@ -233,14 +245,33 @@ impl Upstream {
         if self.knows(kind, name) == Some(true) {
             return Ok(true);
         }
-        self.list(client, limits, kind).await?;
+        self.refresh(client, limits, kind).await?;
         Ok(self.knows(kind, name) == Some(true))
+    }
+
+    /// Lists `kind` again unless the last listing is younger than [`LISTING_FRESH_FOR`].
+    pub async fn refresh(
+        &self,
+        client: &HttpClient,
+        limits: Limits,
+        kind: Kind,
+    ) -> Result<(), UpstreamError> {
+        let fresh = self
+            .known
+            .lock()
+            .ok()
+            .and_then(|k| k.get(&kind).map(|(_, at)| at.elapsed() < LISTING_FRESH_FOR))
+            .unwrap_or(false);
+        if !fresh {
+            self.list(client, limits, kind).await?;
+        }
+        Ok(())
     }
 
     /// Whether the last listing of `kind` had `name`; `None` before the first listing.
     pub fn knows(&self, kind: Kind, name: &str) -> Option<bool> {
         let known = self.known.lock().ok()?;
-        known.get(&kind).map(|set| set.contains(name))
+        known.get(&kind).map(|(set, _)| set.contains(name))
     }
 
     /// The names of the last listing of `kind`.
@@ -248,7 +279,7 @@ impl Upstream {
         self.known
             .lock()
             .ok()
-            .and_then(|k| k.get(&kind).map(|s| s.iter().cloned().collect()))
+            .and_then(|k| k.get(&kind).map(|(s, _)| s.iter().cloned().collect()))
             .unwrap_or_default()
     }
 
@@ -282,7 +313,10 @@ impl Upstream {
     ) -> Result<Value, UpstreamError> {
         for attempt in 0..2 {
             let session = self.session(client, limits).await?;
-            let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+            let id = self
+                .next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
             match self.post(client, limits, Some(&session), &body).await {
                 // The upstream forgot the session (restart): open a new one, once.
                 Err(UpstreamError::Status { status: 404, .. })
@@ -431,18 +465,34 @@ impl Upstream {
         if !want_answer {
             return Ok((None, session_id));
         }
-        // Whatever the upstream sends back (results, error texts) loses the credential.
+        // Whatever the upstream sends back (results, error texts) loses the credential: in the
+        // raw text, and again in every string once decoded (JSON escapes such as `\/` or
+        // `\u0041` would hide it from the first pass).
         let answer = if is_sse {
             read_sse_answer(&mut body_stream, body.get("id"), &scrub).await
         } else {
             match body_stream.collect().await {
                 Ok(c) => {
                     let text = scrub(String::from_utf8_lossy(&c.to_bytes()).into_owned());
-                    serde_json::from_str(&text).map_err(|e| e.to_string())
+                    serde_json::from_str::<Value>(&text)
+                        .map_err(|e| e.to_string())
+                        .and_then(|v| {
+                            if v.get("id") == body.get("id") {
+                                Ok(v)
+                            } else {
+                                Err("the answer is for another request".to_owned())
+                            }
+                        })
                 }
                 Err(e) => Err(limit_or(e)),
             }
         };
+        let answer = answer.map(|mut v| {
+            if let Some(t) = token.as_deref().filter(|t| !t.is_empty()) {
+                scrub_strings(&mut v, t);
+            }
+            v
+        });
         match answer {
             Ok(v) => Ok((Some(v), session_id)),
             Err(m) if m == LIMIT => Err(UpstreamError::TooLarge(name.clone())),
@@ -452,6 +502,25 @@ impl Upstream {
 }
 
 const LIMIT: &str = "size limit";
+
+/// Replaces `token` in every string (and object key) of `value`.
+fn scrub_strings(value: &mut Value, token: &str) {
+    match value {
+        Value::String(s) if s.contains(token) => *s = s.replace(token, "[redacted]"),
+        Value::Array(items) => items.iter_mut().for_each(|v| scrub_strings(v, token)),
+        Value::Object(map) => {
+            if map.keys().any(|k| k.contains(token)) {
+                let entries = std::mem::take(map);
+                *map = entries
+                    .into_iter()
+                    .map(|(k, v)| (k.replace(token, "[redacted]"), v))
+                    .collect();
+            }
+            map.values_mut().for_each(|v| scrub_strings(v, token));
+        }
+        _ => {}
+    }
+}
 
 fn limit_or(e: Box<dyn std::error::Error + Send + Sync>) -> String {
     if e.is::<http_body_util::LengthLimitError>() {
@@ -472,8 +541,12 @@ where
     B: http_body::Body<Data = Bytes, Error = Box<dyn std::error::Error + Send + Sync>> + Unpin,
 {
     let mut buf: Vec<u8> = Vec::new();
+    // Where the search for the end of the current event goes on from: each byte is looked at
+    // about once, however the upstream splits its stream.
+    let mut scanned = 0;
     loop {
-        while let Some(end) = find_event_end(&buf) {
+        while let Some(end) = find_event_end(&buf, scanned) {
+            scanned = 0;
             let event: Vec<u8> = buf.drain(..end).collect();
             let data = scrub(sse_data(&event));
             if data.is_empty() {
@@ -487,6 +560,8 @@ where
                 }
             }
         }
+        // The last three bytes may begin a blank line that the next frame ends.
+        scanned = buf.len().saturating_sub(3);
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
@@ -499,10 +574,18 @@ where
     }
 }
 
-/// Index just past the blank line that ends the first event, if the buffer holds one.
-fn find_event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+/// Index just past the blank line that ends the first event, if the buffer holds one; the
+/// search starts at `from` (nothing before it ends an event).
+fn find_event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let tail = buf.get(from..)?;
+    let lf = tail
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| from + i + 2);
+    let crlf = tail
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| from + i + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -573,9 +656,16 @@ mod tests {
     #[test]
     fn sse_events_are_split_and_joined() {
         let buf = b"event: message\ndata: {\"a\":\ndata: 1}\n\nrest";
-        let end = find_event_end(buf).unwrap();
+        let end = find_event_end(buf, 0).unwrap();
         assert_eq!(sse_data(&buf[..end]), "{\"a\":\n1}");
-        assert_eq!(find_event_end(b"data: x\r\n\r\n"), Some(11));
-        assert_eq!(find_event_end(b"data: x\n"), None);
+        assert_eq!(find_event_end(b"data: x\r\n\r\n", 0), Some(11));
+        assert_eq!(find_event_end(b"data: x\n", 0), None);
+        assert_eq!(find_event_end(b"data: x\n\n", 6), Some(9));
+        let mut v = serde_json::json!({"a": ["Bearer t0k", {"t0k": "x t0k y"}], "n": 1});
+        scrub_strings(&mut v, "t0k");
+        assert_eq!(
+            v,
+            serde_json::json!({"a": ["Bearer [redacted]", {"[redacted]": "x [redacted] y"}], "n": 1})
+        );
     }
 }
