@@ -77,12 +77,20 @@ async fn call_raw(app: &axum::Router, body: String) -> (StatusCode, Option<Strin
     (status, retry, serde_json::from_slice(&bytes).unwrap())
 }
 
-/// Whether `pid` is a live process (a zombie waiting for its reaper counts as dead).
+/// Whether `pid` is a live process. A zombie waiting for its reaper counts as dead, unless it is
+/// a thread-group leader that ended alone while other threads of its process still run
+/// (`num_threads`, field 20, counts the zombie leader too).
 fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
-            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
-            !state.starts_with('Z')
+            let fields: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            let threads: u32 = fields.get(17).and_then(|t| t.parse().ok()).unwrap_or(0);
+            fields.first().is_some_and(|state| !state.starts_with('Z')) || threads > 1
         }
         Err(_) => false,
     }
@@ -259,6 +267,106 @@ async fn a_client_that_hangs_up_leaves_nothing_behind() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A Python program whose processes end their main thread alone (`SYS_exit`, not
+/// `exit_group`): each leader is then a zombie that `waitid` does not report, while another
+/// thread of its process runs on. It forks two such processes, one of them in a session of its
+/// own, waits until both are in that state, then, as its first argument says, exits (`exit`),
+/// does the same itself (`timeout`), or does the same and then kills its runner
+/// (`kill-runner`). Each process's surviving thread appends its pid to `leaders.pid` once its
+/// leader is a zombie: a pid in the file proves that process outlived its leader.
+const LEADERS_END_ALONE: &str = r#"
+import ctypes, os, platform, signal, sys, threading, time
+SYS_EXIT = {"x86_64": 60, "aarch64": 93}[platform.machine()]
+mode = sys.argv[1]
+ready_r, ready_w = os.pipe()
+
+def live_on(kill_runner):
+    me = os.getpid()
+    while open(f"/proc/{me}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.01)
+    fd = os.open("leaders.pid", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, b"%d\n" % me)
+    os.write(ready_w, b".")
+    if kill_runner:
+        os.kill(os.getppid(), signal.SIGKILL)
+    while True:
+        time.sleep(0.05)
+
+def end_main_thread(kill_runner=False):
+    threading.Thread(target=live_on, args=(kill_runner,)).start()
+    ctypes.CDLL(None).syscall(SYS_EXIT, 0)
+
+for new_session in (False, True):
+    if os.fork() == 0:
+        try:
+            if new_session:
+                os.setsid()
+            end_main_thread()
+        finally:
+            os._exit(1)
+got = b""
+while len(got) < 2:
+    got += os.read(ready_r, 2 - len(got))
+if mode == "exit":
+    sys.exit(0)
+end_main_thread(kill_runner=mode == "kill-runner")
+"#;
+
+/// Runs [`LEADERS_END_ALONE`] in `mode`: the answer, and the pids of the processes whose
+/// leader ended alone. Fails, rather than skips, without `python3` on the commands' `PATH`.
+async fn leaders_end_alone(ws: &Workspace, mode: &str, leaders: usize) -> (StatusCode, Value) {
+    let python = DEFAULT_PATH
+        .split(':')
+        .any(|dir| std::path::Path::new(dir).join("python3").is_file());
+    assert!(
+        python,
+        "this test needs python3 in one of {DEFAULT_PATH} (it is not skipped without it)"
+    );
+    let app = server(ws);
+    let started = Instant::now();
+    let (status, _, answer) = call(
+        &app,
+        json!({"argv": ["python3", "-c", LEADERS_END_ALONE, mode], "timeout_ms": 2000}),
+    )
+    .await;
+    let pids = pids_in(&std::fs::read_to_string(ws.0.join("leaders.pid")).unwrap_or_default());
+    // At once: the answer comes after everything is dead.
+    assert_all_dead(&pids);
+    assert_eq!(pids.len(), leaders, "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(4), "{answer}");
+    (status, answer)
+}
+
+#[tokio::test]
+async fn a_process_whose_leader_ended_alone_dies_at_the_timeout() {
+    let ws = workspace("leader-timeout");
+    let (status, answer) = leaders_end_alone(&ws, "timeout", 3).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["timed_out"], true);
+    assert_eq!(
+        (answer["exit_code"].clone(), answer["signal"].clone()),
+        (Value::Null, json!(9))
+    );
+}
+
+#[tokio::test]
+async fn a_process_whose_leader_ended_alone_dies_when_the_command_ends() {
+    let ws = workspace("leader-exit");
+    let (status, answer) = leaders_end_alone(&ws, "exit", 2).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["timed_out"], false);
+    assert_eq!(answer["exit_code"], 0);
+}
+
+#[tokio::test]
+async fn a_process_whose_leader_ended_alone_dies_when_it_kills_its_runner() {
+    let ws = workspace("leader-runner-killed");
+    let (status, answer) = leaders_end_alone(&ws, "kill-runner", 3).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("killed by signal 9"), "{error}");
 }
 
 #[tokio::test]

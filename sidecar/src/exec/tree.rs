@@ -10,6 +10,12 @@
 //! goes on; passes repeat until one finds nothing new and nothing still running, and only then is
 //! everything found killed (SIGKILL). Kills repeat until a walk finds nothing alive.
 //!
+//! A process is its whole thread group, and its leader's state alone does not say what the group
+//! does. A leader that ended by itself (the `exit` system call, not `exit_group`) stays a zombie
+//! that its parent cannot reap while other threads of its process run on: such a process is
+//! alive, and a signal to the leader's pid still reaches all of its threads. Where the leader is
+//! not running, the walk looks at every thread of the group to tell running from stopped.
+//!
 //! A process is named by its pid and its start time, read again just before each signal: a pid
 //! that an unrelated process took over in between is not signalled. The walk's own bookkeeping
 //! knows parents by pid, so a process of another request could only be taken for one of ours if
@@ -28,27 +34,64 @@ pub struct Proc {
     pub pid: i32,
     /// Parent's process id.
     pub ppid: i32,
-    /// State letter (`R`, `S`, `D`, `T`, `t`, `Z`, ...).
+    /// State letter of the thread-group leader (`R`, `S`, `D`, `T`, `t`, `Z`, ...).
     pub state: u8,
+    /// Threads in the thread group, a zombie leader included.
+    pub threads: u32,
     /// Start time in clock ticks after boot: with the pid, names the process.
     pub start: u64,
 }
 
 impl Proc {
-    /// Dead, or waiting for its parent to reap it: nothing left to signal.
+    /// Dead, or waiting for its parent to reap it: nothing left to signal. A zombie leader with
+    /// other threads still in its group is not dead.
     fn is_dead(&self) -> bool {
-        matches!(self.state, b'Z' | b'X' | b'x')
+        Activity::of(self.state) == Activity::Dead && self.threads <= 1
     }
 
+    /// What the process as a whole does: what its busiest thread does. Only a leader that is
+    /// not running itself has its other threads looked at.
+    fn activity(&self) -> Activity {
+        let leader = Activity::of(self.state);
+        if self.threads <= 1 || leader == Activity::Running {
+            return leader;
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
+            return leader;
+        };
+        tasks
+            .filter_map(|entry| {
+                let tid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+                let path = format!("/proc/{}/task/{tid}/stat", self.pid);
+                let thread = parse_stat(tid, &std::fs::read_to_string(path).ok()?)?;
+                Some(Activity::of(thread.state))
+            })
+            .fold(leader, Activity::max)
+    }
+}
+
+/// What a thread, or a whole process, does, from the least to the most active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Activity {
+    /// Exited (a zombie waiting to be reaped included).
+    Dead,
     /// Stopped (or traced), so it cannot fork or reap.
-    fn is_stopped(&self) -> bool {
-        matches!(self.state, b'T' | b't')
-    }
-
+    Stopped,
     /// In uninterruptible sleep: a pending SIGSTOP takes effect before it runs again, so it can
     /// be counted as stopped once signalled.
-    fn is_blocked(&self) -> bool {
-        self.state == b'D'
+    Blocked,
+    /// Anything else.
+    Running,
+}
+
+impl Activity {
+    fn of(state: u8) -> Self {
+        match state {
+            b'Z' | b'X' | b'x' => Activity::Dead,
+            b'T' | b't' => Activity::Stopped,
+            b'D' => Activity::Blocked,
+            _ => Activity::Running,
+        }
     }
 }
 
@@ -57,14 +100,16 @@ impl Proc {
 pub fn parse_stat(pid: i32, text: &str) -> Option<Proc> {
     let (_, rest) = text.rsplit_once(')')?;
     let mut fields = rest.split_ascii_whitespace();
-    // Fields 3 (state) and 4 (ppid), then 22 (starttime).
+    // Fields 3 (state) and 4 (ppid), then 20 (num_threads) and 22 (starttime).
     let state = *fields.next()?.as_bytes().first()?;
     let ppid = fields.next()?.parse().ok()?;
-    let start = fields.nth(17)?.parse().ok()?;
+    let threads = fields.nth(15)?.parse().ok()?;
+    let start = fields.nth(1)?.parse().ok()?;
     Some(Proc {
         pid,
         ppid,
         state,
+        threads,
         start,
     })
 }
@@ -84,8 +129,8 @@ fn pids() -> impl Iterator<Item = i32> {
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
 }
 
-/// Sends `signal` to `p` if the process with its pid is still the one that started at its start
-/// time and is not dead yet. Whether it was sent.
+/// Sends `signal` to `p` (to its whole thread group) if the process with its pid is still the one
+/// that started at its start time and is not dead yet. Whether it was sent.
 fn signal_same(p: &Proc, signal: Signal) -> bool {
     let Some(now) = stat(p.pid) else {
         return false;
@@ -170,9 +215,12 @@ fn freeze(root: i32, spare: &impl Fn(i32) -> bool, until: Instant) -> HashMap<i3
             {
                 grew = true;
             }
-            if !p.is_dead() && !p.is_stopped() {
-                signal_same(&p, Signal::STOP);
-                running |= !p.is_blocked();
+            match p.activity() {
+                Activity::Dead | Activity::Stopped => {}
+                activity => {
+                    signal_same(&p, Signal::STOP);
+                    running |= activity == Activity::Running;
+                }
             }
         }
         if (!grew && !running) || Instant::now() >= until {
@@ -195,14 +243,36 @@ mod tests {
         let text = "4242 (a) b) R 1 (c) S 17 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
                     987654 1000 200 18446744073709551615";
         let p = parse_stat(4242, text).unwrap();
-        assert_eq!((p.ppid, p.state, p.start), (17, b'S', 987654));
+        assert_eq!((p.ppid, p.state, p.threads, p.start), (17, b'S', 1, 987654));
         let plain = "7 (sleep) T 3 7 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0";
         let p = parse_stat(7, plain).unwrap();
-        assert_eq!((p.ppid, p.state, p.start), (3, b'T', 55));
-        assert!(p.is_stopped() && !p.is_dead());
+        assert_eq!((p.ppid, p.state, p.threads, p.start), (3, b'T', 1, 55));
+        assert!(p.activity() == Activity::Stopped && !p.is_dead());
         assert_eq!(parse_stat(1, "1 (init S 0"), None);
         assert_eq!(parse_stat(1, "1 (x) Z"), None);
         assert_eq!(parse_stat(1, ""), None);
+    }
+
+    #[test]
+    fn a_zombie_leader_is_dead_only_once_its_threads_are_gone() {
+        let alone = "9 (python3) Z 3 9 9 0 -1 0 0 0 0 0 0 0 0 0 20 0 2 0 55 0 0";
+        let p = parse_stat(9, alone).unwrap();
+        assert_eq!((p.state, p.threads), (b'Z', 2));
+        assert!(!p.is_dead(), "its other thread runs on");
+        let gone = "9 (python3) Z 3 9 9 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0";
+        assert!(parse_stat(9, gone).unwrap().is_dead());
+        assert_eq!(
+            Activity::of(b'Z').max(Activity::of(b'S')),
+            Activity::Running
+        );
+        assert_eq!(
+            Activity::of(b'Z').max(Activity::of(b'T')),
+            Activity::Stopped
+        );
+        assert_eq!(
+            Activity::of(b'T').max(Activity::of(b'D')),
+            Activity::Blocked
+        );
     }
 
     #[test]
@@ -211,7 +281,7 @@ mod tests {
         let p = stat(me).unwrap();
         let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
         assert_eq!(p.ppid, parent);
-        assert!(!p.is_dead() && !p.is_stopped());
+        assert!(!p.is_dead() && p.activity() == Activity::Running);
         assert!(pids().any(|pid| pid == me));
     }
 }
