@@ -171,7 +171,7 @@ async fn a_command_runs_as_a_hardened_job_that_is_deleted_afterwards() {
             "--",
             "sh",
             "-c",
-            "echo hello $GREETING"
+            "echo hello $$GREETING"
         ])
     );
     assert_eq!(
@@ -282,6 +282,85 @@ async fn a_command_killed_by_a_signal_reports_it() {
         assert_eq!(answer["stdout"], "before\n");
         assert_eq!(answer["timed_out"], false);
     }
+}
+
+/// The dispatcher's environment as the chart's dispatcher has it: `HOME` is defined, so a
+/// `$(HOME)` the kubelet got to expand would become the working directory.
+fn config_with_home() -> DispatchConfig {
+    let mut config = config();
+    config.template.base_env = vec![
+        ("PATH".into(), "/usr/bin:/bin".into()),
+        ("HOME".into(), "/workspace".into()),
+    ];
+    config
+}
+
+#[tokio::test]
+async fn dollars_reach_the_command_as_given() {
+    let (stand_in, app) = started(config_with_home()).await;
+    // The arguments and a variable, echoed back as the shell received them.
+    let echo = r#"printf '%s\n' "$0" "$@" "$GREETING""#;
+    let words = ["$(HOME)", "$$", "cost=$$5", "$$(PATH)", "x$", "$(NOPE"];
+    let mut argv = vec!["sh", "-c", echo];
+    argv.extend(words);
+    let (status, _, answer) =
+        call(&app, json!({"argv": argv, "env": {"GREETING": "$(PATH)"}})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let mut want = words.join("\n");
+    want.push_str("\n$(PATH)\n");
+    assert_eq!(answer["stdout"], want, "{answer}");
+
+    // The shell itself expands `$$` and runs `$(HOME)` as a command, as it does run directly.
+    let script = "echo pid=$$ home=$(HOME) cost=$$5";
+    let (status, _, answer) = call(
+        &app,
+        json!({"argv": ["sh", "-c", script], "env": {"GREETING": "$(PATH)"}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let direct = std::process::Command::new("sh")
+        .args(["-c", script])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", "/workspace")
+        .env("GREETING", "$(PATH)")
+        .output()
+        .unwrap();
+    // The same but for the shell's pid.
+    let as_run = |out: &str| -> String {
+        let pid = out
+            .strip_prefix("pid=")
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_default();
+        assert!(pid.parse::<u32>().is_ok(), "no pid in {out:?}");
+        assert_eq!(out, format!("pid={pid} home= cost={pid}5\n"));
+        out.replace(pid, "PID")
+    };
+    let stdout = answer["stdout"].as_str().unwrap();
+    assert_eq!(
+        as_run(stdout),
+        as_run(&String::from_utf8(direct.stdout).unwrap())
+    );
+    assert_eq!(answer["stderr"], String::from_utf8(direct.stderr).unwrap());
+    assert_eq!(answer["exit_code"], direct.status.code().unwrap());
+
+    // What the Job asked the kubelet for.
+    let created = stand_in.store.lock().unwrap().created.clone();
+    let command = &created[1]["spec"]["template"]["spec"]["containers"][0]["command"];
+    let tail: Vec<&str> = command.as_array().unwrap()[6..]
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            "--env=GREETING=$$(PATH)",
+            "--",
+            "sh",
+            "-c",
+            "echo pid=$$$$ home=$$(HOME) cost=$$$$5"
+        ]
+    );
 }
 
 #[tokio::test]

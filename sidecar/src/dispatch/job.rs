@@ -10,6 +10,10 @@
 //! apart (each capped), kills everything the command started, and writes one report line to the
 //! container log. Standard input travels in a Secret that the dispatcher creates for the Job,
 //! owned by it (so the garbage collector deletes it with the Job), mounted as a file.
+//!
+//! The kubelet expands `$(NAME)` in a container's `command`, `args` and env values and turns
+//! `$$` into `$`: every `$` the dispatcher writes there is doubled (`literal`), so that the
+//! command gets its arguments and variables exactly as the request gave them.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
@@ -214,7 +218,7 @@ impl Template {
         let env: Vec<_> = self
             .base_env
             .iter()
-            .map(|(name, value)| json!({"name": name, "value": value}))
+            .map(|(name, value)| json!({"name": name, "value": literal(value)}))
             .collect();
         let mut command = vec![
             RUNNER_PATH.to_owned(),
@@ -247,6 +251,7 @@ impl Template {
         command.extend(plan.env.iter().map(|(k, v)| format!("--env={k}={v}")));
         command.push("--".to_owned());
         command.extend(plan.argv.iter().cloned());
+        let command: Vec<String> = command.iter().map(|word| literal(word)).collect();
         let seconds = plan.timeout.as_millis().div_ceil(1000).max(1);
         let deadline = i64::try_from(seconds).unwrap_or(i64::MAX);
         let pod_security = json!({
@@ -360,6 +365,13 @@ impl Template {
     pub fn request_selector(&self, request_id: &str) -> String {
         format!("{},{REQUEST_LABEL}={request_id}", self.selector())
     }
+}
+
+/// `text` written so that the kubelet's expansion of a container's `command`, `args` and env
+/// values gives it back unchanged: each `$` doubled (`$$` is how that expansion writes a `$`, and
+/// no `$(NAME)` is left to replace).
+fn literal(text: &str) -> String {
+    text.replace('$', "$$")
 }
 
 /// Whether `value` is a valid label value (63 characters at most, alphanumeric at both ends,
@@ -599,6 +611,41 @@ mod tests {
         );
         assert_eq!(secret["data"], json!({"stdin": "aGVsbG8="}));
         assert_eq!(secret["immutable"], true);
+    }
+
+    #[test]
+    fn every_dollar_in_the_command_and_the_environment_is_doubled() {
+        let t = Template {
+            base_env: vec![("PATH".into(), "/opt/$(X)/bin".into())],
+            ..template()
+        };
+        let p = plan(json!({"argv": ["sh", "-c", "echo $$ $(HOME) $", "$$(A)"],
+            "env": {"GREETING": "$(PATH)"}}))
+        .unwrap();
+        let job = serde_json::to_value(t.job(&p, "r4", None).unwrap()).unwrap();
+        let c = &job["spec"]["template"]["spec"]["containers"][0];
+        let command: Vec<&str> = c["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            command[6..],
+            [
+                "--env=GREETING=$$(PATH)",
+                "--",
+                "sh",
+                "-c",
+                "echo $$$$ $$(HOME) $$",
+                "$$$$(A)"
+            ]
+        );
+        assert_eq!(
+            c["env"],
+            json!([{"name": "PATH", "value": "/opt/$$(X)/bin"}])
+        );
+        assert_eq!(c["workingDir"], "/workspace", "not expanded by the kubelet");
     }
 
     #[test]

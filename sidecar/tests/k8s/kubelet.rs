@@ -16,6 +16,9 @@
 //!   kubelet would mount the volume there instead). A Secret's keys become files.
 //! - Standard output and standard error go to one log file, as the kubelet keeps them; a working
 //!   directory that does not exist is created, as the runtime does.
+//! - Variable references are expanded as the kubelet expands them (see [`expand`]): in each env
+//!   `value`, from the variables declared before it and the service variables; in `command` and
+//!   `args`, from all of the container's variables.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -33,6 +36,40 @@ const SIDECAR_BIN: &str = env!("CARGO_BIN_EXE_agentvm-sidecar");
 const IMAGE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How often the kubelet looks at what changed.
 const POLL: Duration = Duration::from_millis(20);
+/// The service variables every container gets (those of the `kubernetes` Service), unless its
+/// own env declares them.
+const SERVICE_ENV: [(&str, &str); 2] = [
+    ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+    ("KUBERNETES_SERVICE_PORT", "443"),
+];
+
+/// `text` as the kubelet passes on a container's `command` and `args` words and its env
+/// `value`s: `$(NAME)` becomes the value `lookup` finds for NAME and stays as it is when there is
+/// none, `$$` becomes `$` (so `$$(NAME)` is the literal `$(NAME)`), and any other `$`, an
+/// unclosed `$(` included, stays.
+pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some((name, tail)) = after.strip_prefix('(').and_then(|r| r.split_once(')')) {
+            match lookup(name) {
+                Some(value) => out.push_str(&value),
+                None => out.push_str(&format!("$({name})")),
+            }
+            rest = tail;
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
 
 /// Sends SIGTERM to `pid`, as the kubelet does to a container's process.
 fn terminate(pid: Option<u32>) {
@@ -335,10 +372,31 @@ impl StandIn {
             }
             s.to_owned()
         };
+        // The container's variables, each value expanded from those declared before it.
+        let service = |name: &str| {
+            SERVICE_ENV
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).to_owned())
+        };
+        let mut env: Vec<(String, String)> = Vec::new();
+        for v in c["env"].as_array().into_iter().flatten() {
+            let name = v["name"].as_str().unwrap().to_owned();
+            let value = expand(v["value"].as_str().unwrap(), |n| {
+                let declared = env.iter().rev().find(|(d, _)| d == n);
+                declared.map(|(_, v)| v.clone()).or_else(|| service(n))
+            });
+            env.retain(|(d, _)| *d != name);
+            env.push((name, value));
+        }
+        let lookup = |n: &str| {
+            let declared = env.iter().find(|(d, _)| d == n);
+            declared.map(|(_, v)| v.clone()).or_else(|| service(n))
+        };
         let words: Vec<String> = ["command", "args"]
             .iter()
             .flat_map(|f| c[*f].as_array().cloned().unwrap_or_default())
-            .map(|w| map(w.as_str().unwrap()))
+            .map(|w| map(&expand(w.as_str().unwrap(), lookup)))
             .collect();
         let kind = image(&image_name);
         let program = words.first().cloned().unwrap_or_default();
@@ -362,15 +420,13 @@ impl StandIn {
             };
             let mut cmd = tokio::process::Command::new(&resolved);
             cmd.args(&words[1..]).env_clear().env("PATH", IMAGE_PATH);
-            for v in c["env"].as_array().into_iter().flatten() {
-                cmd.env(
-                    v["name"].as_str().unwrap(),
-                    map(v["value"].as_str().unwrap()),
-                );
+            for (name, value) in SERVICE_ENV {
+                cmd.env(name, value);
             }
-            cmd.env("HOSTNAME", pod)
-                .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
-                .env("KUBERNETES_SERVICE_PORT", "443");
+            for (name, value) in &env {
+                cmd.env(name, map(value));
+            }
+            cmd.env("HOSTNAME", pod);
             let cwd = match c["workingDir"].as_str() {
                 Some(dir) => PathBuf::from(map(dir)),
                 None => self.root.join(pod),
@@ -440,5 +496,29 @@ impl StandIn {
             let status = statuses.iter_mut().find(|s| s["name"] == name).unwrap();
             change(status);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand;
+
+    #[test]
+    fn expansion_follows_the_kubelet() {
+        let lookup = |n: &str| (n == "A").then(|| "x".to_owned());
+        for (text, want) in [
+            ("$(A)/$(B)", "x/$(B)"),
+            ("$$(A) $$$(A) $$$$", "$(A) $x $$"),
+            ("a$ $b $( $(A $)", "a$ $b $( $(A $)"),
+            ("$(A$$)", "$(A$$)"),
+            ("end$", "end$"),
+            ("\u{e9}$$\u{e9}", "\u{e9}$\u{e9}"),
+        ] {
+            assert_eq!(expand(text, lookup), want, "{text}");
+        }
+        // Doubling every `$` passes any text through unchanged.
+        for text in ["$(A)", "$$", "$", "$(A$)x$$(A)", "($)"] {
+            assert_eq!(expand(&text.replace('$', "$$"), lookup), text);
+        }
     }
 }
