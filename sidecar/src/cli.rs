@@ -600,7 +600,12 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
         allowed_origins: args.allowed_origins.clone(),
         access_log: args.access_log,
     };
-    let Some(rt) = runtime(true) else {
+    // One thread: the proxy serves the one agent of its pod, and a call hops from the agent's
+    // connection to an upstream's and back, which on a multi-thread runtime means wakeups and
+    // task moves between threads (twice the CPU per call in `cargo bench --bench proxy`).
+    // Policy decisions and reloads run on this thread too; they take microseconds and
+    // milliseconds.
+    let Some(rt) = runtime(false) else {
         return ExitCode::FAILURE;
     };
     let grace = Duration::from_secs(args.grace_period);
