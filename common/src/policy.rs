@@ -246,6 +246,74 @@ impl Entrypoint {
     }
 }
 
+/// Engines kept for reuse by one [`Rules`]; more than this many idle ones are dropped.
+const IDLE_ENGINES: usize = 4;
+
+/// Rules evaluated for one input on an engine kept between evaluations: a fresh engine per
+/// call (what [`Entrypoint::eval`] does) costs more than a small policy's rules.
+pub struct Rules {
+    rules: Vec<String>,
+    base: Arc<Engine>,
+    idle: std::sync::Mutex<Vec<Engine>>,
+}
+
+impl std::fmt::Debug for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rules").field("rules", &self.rules).finish()
+    }
+}
+
+impl Clone for Rules {
+    fn clone(&self) -> Self {
+        Self {
+            rules: self.rules.clone(),
+            base: self.base.clone(),
+            idle: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl PolicySet {
+    /// The rules `rules` (paths such as `data.agentvm.allow`), evaluated together by
+    /// [`Rules::eval`]. A path that names no rule is an error.
+    pub fn rules(&self, rules: &[&str]) -> Result<Rules, PolicyError> {
+        for rule in rules {
+            self.entrypoint(rule)?;
+        }
+        Ok(Rules {
+            rules: rules.iter().map(|r| (*r).to_owned()).collect(),
+            base: self.engine.clone(),
+            idle: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+}
+
+impl Rules {
+    /// The value of each rule for `input`, in order; undefined ones as `Value::Undefined`.
+    /// An engine whose evaluation failed is dropped, never reused.
+    pub fn eval(&self, input: Value) -> Result<Vec<Value>, PolicyError> {
+        let reused = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let mut engine = reused.unwrap_or_else(|| (*self.base).clone());
+        engine.set_input(input);
+        let mut values = Vec::with_capacity(self.rules.len());
+        for rule in &self.rules {
+            let value = engine
+                .eval_rule(rule.clone())
+                .map_err(|e| PolicyError::Eval {
+                    rule: rule.clone(),
+                    message: one_line(&e),
+                })?;
+            values.push(value);
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < IDLE_ENGINES {
+                idle.push(engine);
+            }
+        }
+        Ok(values)
+    }
+}
+
 /// The result of one Rego test rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TestResult {
@@ -485,6 +553,26 @@ mod tests {
         let bad = &report.outcomes[1];
         assert_eq!((bad.rule.as_str(), bad.line), ("test_bad", 7));
         assert_eq!(bad.result, TestResult::Fail("undefined".into()));
+    }
+
+    #[test]
+    fn rules_reuse_engines_across_inputs_and_failures() {
+        let set =
+            set("package t\n\nx := input.a + 1\n\ny := concat(\"-\", [input.b, \"z\"])\n").unwrap();
+        let rules = set.rules(&["data.t.x", "data.t.y"]).unwrap();
+        assert!(set.rules(&["data.t.nothing"]).is_err());
+        let input =
+            |a: serde_json::Value, b: &str| Value::from(serde_json::json!({"a": a, "b": b}));
+        for i in 0..3 {
+            let v = rules.eval(input(serde_json::json!(i), "q")).unwrap();
+            assert_eq!(v, [Value::from(i + 1), Value::from("q-z")]);
+            // An input the rules fail on (an error or undefined, as the engine has it) leaves
+            // nothing behind for the next one.
+            let bad = rules.eval(Value::from(serde_json::json!({"a": "text", "b": 1})));
+            assert!(!matches!(bad.as_deref(), Ok([Value::Number(_), _])));
+        }
+        let v = rules.eval(Value::from(serde_json::json!({}))).unwrap();
+        assert_eq!(v, [Value::Undefined, Value::Undefined]);
     }
 
     #[test]

@@ -3,15 +3,18 @@
 
 use std::path::Path;
 
-use agentvm_common::policy::{read_dir, Entrypoint, PolicyError, PolicySet, Source};
+use std::collections::BTreeMap;
+
+use agentvm_common::policy::{read_dir, PolicyError, PolicySet, Rules, Source};
 use regorus::Value;
 use serde::Serialize;
 
 /// The policy shipped in the binary (`policies/tools/`).
 const SHIPPED: &str = include_str!("../../../policies/tools/policy.rego");
 
-/// Added to every policy set: one entry point with the documented defaults, so that a policy
-/// without `deny` rules (or without any rule) still loads, and a decision is one evaluation.
+/// Added to every policy set: `allow` and `deny` with the documented defaults, so that a
+/// policy without `deny` rules (or without any rule) still loads. A policy that defines both
+/// rules itself is asked directly (a third of the time); the defaults are then applied here.
 const RUNTIME: &str = r#"package agentvm_proxy_runtime
 
 default allow := false
@@ -21,9 +24,16 @@ allow := data.agentvm.tools.allow
 default deny := set()
 
 deny := data.agentvm.tools.deny
-
-decision := {"allow": allow, "deny": deny}
 "#;
+
+/// The policy's own rules, asked directly when it defines both.
+const OWN_RULES: [&str; 2] = ["data.agentvm.tools.allow", "data.agentvm.tools.deny"];
+
+/// The same through the runtime's defaults, for any other policy.
+const RUNTIME_RULES: [&str; 2] = [
+    "data.agentvm_proxy_runtime.allow",
+    "data.agentvm_proxy_runtime.deny",
+];
 
 /// Who is calling, from the downward API.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -111,7 +121,8 @@ pub struct Decision {
 /// A compiled tool policy.
 #[derive(Debug, Clone)]
 pub struct ToolPolicy {
-    decision: Entrypoint,
+    /// `allow` and `deny`, in that order.
+    decision: Rules,
     origin: String,
     none_yet: bool,
 }
@@ -168,8 +179,16 @@ impl ToolPolicy {
     pub fn from_sources(mut sources: Vec<Source>, origin: String) -> Result<Self, PolicyError> {
         sources.push(Source::new("agentvm-proxy-runtime.rego", RUNTIME));
         let set = PolicySet::from_sources(sources)?;
+        // Only where both paths name rules of the policy does asking them directly give what
+        // the runtime's rules would (`data.agentvm.tools.deny` could also come from a data
+        // document or an enclosing package's rule, which only the runtime's rules see).
+        let own = OWN_RULES.iter().all(|rule| set.entrypoint(rule).is_ok());
+        Self::with_rules(&set, if own { OWN_RULES } else { RUNTIME_RULES }, origin)
+    }
+
+    fn with_rules(set: &PolicySet, rules: [&str; 2], origin: String) -> Result<Self, PolicyError> {
         Ok(Self {
-            decision: set.entrypoint("data.agentvm_proxy_runtime.decision")?,
+            decision: set.rules(&rules)?,
             origin,
             none_yet: false,
         })
@@ -182,21 +201,25 @@ impl ToolPolicy {
 
     /// Decides one listing entry or call.
     pub fn decide(&self, input: &DecisionInput<'_>) -> Decision {
-        let json = match serde_json::to_value(input) {
+        let input = match input.to_rego() {
             Ok(v) => v,
             Err(e) => return fail(format!("cannot build the policy input: {e}")),
         };
-        let decision = match self.decision.eval(Value::from(json)) {
-            Ok(v) => v,
+        let (allow, deny) = match self.decision.eval(input).as_deref() {
+            Ok([allow, deny]) => (allow.clone(), deny.clone()),
+            Ok(_) => return fail("allow and deny were not both evaluated".into()),
             Err(e) => return fail(e.to_string()),
         };
-        let allow = match &decision["allow"] {
-            Value::Bool(b) => *b,
+        // The documented defaults, for a policy asked directly.
+        let allow = match allow {
+            Value::Bool(b) => b,
+            Value::Undefined => false,
             other => return fail(format!("allow must be a boolean, got {other}")),
         };
-        let reasons: Vec<String> = match &decision["deny"] {
+        let reasons: Vec<String> = match &deny {
             Value::Set(items) => items.iter().map(message).collect(),
             Value::Array(items) => items.iter().map(message).collect(),
+            Value::Undefined => Vec::new(),
             other => return fail(format!("deny must be a set, got {other}")),
         };
         let allowed = allow && reasons.is_empty();
@@ -209,6 +232,37 @@ impl ToolPolicy {
             reasons,
             error: false,
         }
+    }
+}
+
+impl DecisionInput<'_> {
+    /// The Rego `input`: the fields that are set, built directly (arguments are converted once,
+    /// not copied into an intermediate JSON tree first).
+    fn to_rego(&self) -> Result<Value, serde_json::Error> {
+        use serde::Deserialize;
+        let text = |s: &str| Value::from(s);
+        let mut agent = BTreeMap::new();
+        agent.insert(text("pod"), text(&self.agent.pod));
+        agent.insert(text("namespace"), text(&self.agent.namespace));
+        agent.insert(text("service_account"), text(&self.agent.service_account));
+        agent.insert(text("profile"), text(&self.agent.profile));
+        let mut input = BTreeMap::new();
+        input.insert(text("method"), text(self.method));
+        input.insert(text("upstream"), text(self.upstream));
+        for (key, value) in [
+            ("tool", self.tool),
+            ("prompt", self.prompt),
+            ("uri", self.uri),
+        ] {
+            if let Some(v) = value {
+                input.insert(text(key), text(v));
+            }
+        }
+        if let Some(arguments) = self.arguments {
+            input.insert(text("arguments"), Value::deserialize(arguments)?);
+        }
+        input.insert(text("agent"), Value::from(agent));
+        Ok(Value::from(input))
     }
 }
 
@@ -289,6 +343,102 @@ mod tests {
             (c.allowed, c.reasons.as_slice()),
             (false, &["no rule allows it".to_owned()][..])
         );
+    }
+
+    /// Policies asked directly decide as they do through the runtime's rules.
+    #[test]
+    fn own_rules_decide_as_the_runtime_rules_do() {
+        let policies = [
+            SHIPPED,
+            "package agentvm.tools\n\nallow if input.tool == \"a\"\n\ndeny contains \"no\" if false\n",
+            "package agentvm.tools\n\nallow := \"yes\"\n\ndeny contains \"x\" if input.tool == \"b\"\n",
+            "package agentvm.tools\n\nallow if true\n\ndeny := [\"listed\"] if input.tool == \"c\"\n",
+            "package agentvm.tools\n\nallow if to_number(input.arguments.n) > 0\n\n\
+             deny contains \"big\" if input.arguments.n > 10\n",
+        ];
+        let calls = [
+            ("agentvm", "exec", json!({"argv": ["ls"]})),
+            (
+                "agentvm",
+                "exec",
+                json!({"argv": ["/usr/bin/nsenter", "-t"]}),
+            ),
+            ("agentvm", "exec", json!({"argv": []})),
+            ("u", "a", json!({"n": 3})),
+            ("u", "b", json!({"n": 30})),
+            ("u", "c", json!({"n": "not a number"})),
+        ];
+        for text in policies {
+            let sources = vec![Source::new("p.rego", text), Source::new("rt.rego", RUNTIME)];
+            let set = PolicySet::from_sources(sources).unwrap();
+            assert!(
+                OWN_RULES.iter().all(|r| set.entrypoint(r).is_ok()),
+                "{text}"
+            );
+            let own = ToolPolicy::with_rules(&set, OWN_RULES, "own".into()).unwrap();
+            let runtime = ToolPolicy::with_rules(&set, RUNTIME_RULES, "rt".into()).unwrap();
+            for (upstream, tool, args) in &calls {
+                for profile in ["sidecar-exec", "no-exec"] {
+                    let agent = agent(profile);
+                    let input =
+                        DecisionInput::tool("tools/call", upstream, tool, Some(args), &agent);
+                    let (a, b) = (own.decide(&input), runtime.decide(&input));
+                    assert_eq!((a.allowed, a.error), (b.allowed, b.error), "{text} {tool}");
+                    if !a.error {
+                        assert_eq!(a.reasons, b.reasons, "{text} {tool}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_deny_from_data_alone_is_seen() {
+        let sources = vec![
+            Source::new("p.rego", "package agentvm.tools\n\nallow := true\n"),
+            Source::new(
+                "data.json",
+                r#"{"agentvm": {"tools": {"deny": ["from data"]}}}"#,
+            ),
+        ];
+        let p = ToolPolicy::from_sources(sources, "test".into()).unwrap();
+        let d = decide(&p, "u", "a", json!({}));
+        assert_eq!(
+            (d.allowed, d.reasons.as_slice()),
+            (false, &["from data".to_owned()][..])
+        );
+    }
+
+    #[test]
+    fn the_input_is_the_serialized_decision_input() {
+        let agent = Agent {
+            pod: "p".into(),
+            namespace: "n".into(),
+            service_account: "sa".into(),
+            profile: "sidecar-exec".into(),
+        };
+        let args = json!({"argv": ["ls", "-l"], "n": -3, "big": u64::MAX, "f": 1.5,
+                          "none": null, "yes": true, "nested": {"é": [{"a": []}]}});
+        let inputs = [
+            DecisionInput::tool("tools/call", "u", "u__t", Some(&args), &agent),
+            DecisionInput::tool("tools/list", "u", "u__t", None, &agent),
+            DecisionInput {
+                method: "resources/read",
+                upstream: "u",
+                uri: Some("file:///x"),
+                ..DecisionInput::empty(&agent)
+            },
+            DecisionInput {
+                method: "prompts/get",
+                prompt: Some("u__p"),
+                arguments: Some(&args),
+                ..DecisionInput::empty(&agent)
+            },
+        ];
+        for input in inputs {
+            let expected = Value::from(serde_json::to_value(&input).unwrap());
+            assert_eq!(input.to_rego().unwrap(), expected);
+        }
     }
 
     #[test]
