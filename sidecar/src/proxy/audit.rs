@@ -83,6 +83,69 @@ impl<'a> Record<'a> {
 
 /// Hex SHA-256 of the arguments as JSON text.
 pub fn digest(arguments: &Value) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, arguments.to_string().as_bytes());
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    let mut sha = Sha256(ring::digest::Context::new(&ring::digest::SHA256));
+    // Writing into the hash cannot fail; the JSON text is never built as a string.
+    let _ = serde_json::to_writer(&mut sha, arguments);
+    let mut hex = String::with_capacity(64);
+    for b in sha.0.finish().as_ref() {
+        hex.push(char::from(HEX[usize::from(b >> 4)]));
+        hex.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    hex
+}
+
+/// Size of `value` as JSON text, without building the text.
+pub fn json_len(value: &Value) -> usize {
+    let mut counter = Counter(0);
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+struct Sha256(ring::digest::Context);
+
+impl std::io::Write for Sha256 {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn digest_and_length_are_those_of_the_json_text() {
+        let args = json!({"text": "héllo", "n": [1, 2.5, null], "o": {}});
+        let text = args.to_string();
+        let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        let expected: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(digest(&args), expected);
+        assert_eq!(json_len(&args), text.len());
+        assert_eq!(
+            digest(&json!({})),
+            "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        );
+    }
 }

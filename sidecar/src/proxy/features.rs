@@ -252,7 +252,7 @@ async fn forward(
     };
     record.upstream_us = forwarded_at.elapsed().as_micros() as u64;
     if let Some(r) = answer.get("result") {
-        record.result_bytes = r.to_string().len();
+        record.result_bytes = audit::json_len(r);
         record.is_error = Some(false);
     } else if let Some(e) = answer.pointer("/error/message").and_then(Value::as_str) {
         record.reason = e.to_owned();

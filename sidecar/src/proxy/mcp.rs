@@ -369,7 +369,7 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value, era: Era
     };
     record.upstream_us = forwarded_at.elapsed().as_micros() as u64;
     if let Some(r) = answer.get("result") {
-        record.result_bytes = r.to_string().len();
+        record.result_bytes = audit::json_len(r);
         record.is_error = Some(r.get("isError").and_then(Value::as_bool).unwrap_or(false));
     } else if let Some(e) = answer.pointer("/error/message").and_then(Value::as_str) {
         record.reason = e.to_owned();
