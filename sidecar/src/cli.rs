@@ -608,6 +608,9 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
     let Some(rt) = runtime(false) else {
         return ExitCode::FAILURE;
     };
+    // On one thread a runaway rule would hold every call, not one: it fails (and so denies)
+    // after a second instead, as the webhook's do.
+    agentvm_common::policy::set_evaluation_time_limit(Duration::from_secs(1));
     let grace = Duration::from_secs(args.grace_period);
     rt.block_on(async move {
         let allow_missing = args.allow_missing;
