@@ -62,6 +62,20 @@ impl<'a> Record<'a> {
         );
     }
 
+    /// Records what came back (`answer`, the JSON-RPC response sent to the agent, awaited
+    /// since `forwarded_at`) and writes the record.
+    pub fn finish(&mut self, answer: &Value, forwarded_at: Instant) {
+        self.upstream_us = forwarded_at.elapsed().as_micros() as u64;
+        if let Some(r) = answer.get("result") {
+            self.result_bytes = json_len(r);
+            self.is_error = Some(r.get("isError").and_then(Value::as_bool).unwrap_or(false));
+        } else if let Some(e) = answer.pointer("/error/message").and_then(Value::as_str) {
+            self.reason = e.to_owned();
+            self.is_error = Some(true);
+        }
+        self.emit();
+    }
+
     /// A record for `method` on `tool` (or `uri`), not yet decided.
     pub fn new(agent: &'a Agent, method: &'a str, args_digest: &'a str, started: Instant) -> Self {
         Self {

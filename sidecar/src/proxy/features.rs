@@ -240,25 +240,10 @@ async fn forward(
     record: &mut audit::Record<'_>,
 ) -> Value {
     let forwarded_at = Instant::now();
-    let answer = match upstream
-        .request(&state.client, state.limits, method, params)
-        .await
-    {
-        Ok(mut a) => {
-            a["id"] = id.clone();
-            a
-        }
-        Err(e) => error(id, code::INTERNAL_ERROR, &e.to_string()),
-    };
-    record.upstream_us = forwarded_at.elapsed().as_micros() as u64;
-    if let Some(r) = answer.get("result") {
-        record.result_bytes = audit::json_len(r);
-        record.is_error = Some(false);
-    } else if let Some(e) = answer.pointer("/error/message").and_then(Value::as_str) {
-        record.reason = e.to_owned();
-        record.is_error = Some(true);
-    }
-    record.emit();
+    let answer = upstream
+        .answer(&state.client, state.limits, id, method, params)
+        .await;
+    record.finish(&answer, forwarded_at);
     answer
 }
 
@@ -273,6 +258,33 @@ fn refuse(
     record.reason = reason;
     record.emit();
     answer
+}
+
+/// Records a refusal and returns the answer for it, unless `upstream` offers `own` of `kind`
+/// (by its listing, listed again when stale).
+async fn unless_offered(
+    state: &ProxyState,
+    id: &Value,
+    upstream: &Upstream,
+    kind: Kind,
+    own: &str,
+    record: &mut audit::Record<'_>,
+    unknown: Value,
+) -> Option<Value> {
+    match upstream.has(&state.client, state.limits, kind, own).await {
+        Ok(true) => None,
+        Ok(false) => Some(refuse(
+            record,
+            "unknown",
+            "the upstream does not offer it".into(),
+            unknown,
+        )),
+        Err(e) => {
+            record.is_error = Some(true);
+            let answer = error(id, code::INTERNAL_ERROR, &e.to_string());
+            Some(refuse(record, "unknown", e.to_string(), answer))
+        }
+    }
 }
 
 /// The upstream and own name behind an agent-visible `<upstream>__<name>`.
@@ -316,24 +328,18 @@ pub async fn get_prompt(state: &Arc<ProxyState>, id: &Value, params: &Value) -> 
         let verdict = if decision.error { "error" } else { "deny" };
         return refuse(&mut record, verdict, decision.reasons.join("; "), unknown);
     }
-    match upstream
-        .has(&state.client, state.limits, Kind::Prompts, own)
-        .await
+    if let Some(refused) = unless_offered(
+        state,
+        id,
+        upstream,
+        Kind::Prompts,
+        own,
+        &mut record,
+        unknown,
+    )
+    .await
     {
-        Ok(true) => {}
-        Ok(false) => {
-            return refuse(
-                &mut record,
-                "unknown",
-                "the upstream has no such prompt".into(),
-                unknown,
-            )
-        }
-        Err(e) => {
-            record.is_error = Some(true);
-            let answer = error(id, code::INTERNAL_ERROR, &e.to_string());
-            return refuse(&mut record, "allow", e.to_string(), answer);
-        }
+        return refused;
     }
     record.decision = "allow";
     let forwarded = json!({"name": own, "arguments": arguments});
@@ -462,23 +468,17 @@ pub async fn complete(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Va
                     unknown(name),
                 );
             };
-            match upstream
-                .has(&state.client, state.limits, Kind::Prompts, own)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => {
-                    return refuse(
-                        &mut record,
-                        "unknown",
-                        "no such prompt".into(),
-                        unknown(name),
-                    )
-                }
-                Err(e) => {
-                    let answer = error(id, code::INTERNAL_ERROR, &e.to_string());
-                    return refuse(&mut record, "unknown", e.to_string(), answer);
-                }
+            let offered = unless_offered(
+                state,
+                id,
+                upstream,
+                Kind::Prompts,
+                own,
+                &mut record,
+                unknown(name),
+            );
+            if let Some(refused) = offered.await {
+                return refused;
             }
             let own_ref = json!({"type": "ref/prompt", "name": own});
             let input = DecisionInput {

@@ -98,13 +98,18 @@ pub fn initialize(id: &Value, params: &Value) -> Value {
     )
 }
 
-/// The answer to `server/discover` (2026-07-28).
-fn discover(id: &Value) -> Value {
-    let supported: Vec<&str> = MODERN_VERSIONS
+/// Every revision the proxy speaks, stateless ones first.
+pub fn supported_versions() -> Vec<&'static str> {
+    MODERN_VERSIONS
         .iter()
         .chain(&PROTOCOL_VERSIONS)
         .copied()
-        .collect();
+        .collect()
+}
+
+/// The answer to `server/discover` (2026-07-28).
+fn discover(id: &Value) -> Value {
+    let supported = supported_versions();
     result(
         id,
         json!({
@@ -354,28 +359,11 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value, era: Era
                 }
             }
             let forwarded = json!({"name": tool, "arguments": arguments});
-            match u
-                .request(&state.client, state.limits, "tools/call", forwarded)
+            u.answer(&state.client, state.limits, id, "tools/call", forwarded)
                 .await
-            {
-                Ok(mut a) => {
-                    // The upstream's own id is never the agent's.
-                    a["id"] = id.clone();
-                    a
-                }
-                Err(e) => error(id, code::INTERNAL_ERROR, &e.to_string()),
-            }
         }
     };
-    record.upstream_us = forwarded_at.elapsed().as_micros() as u64;
-    if let Some(r) = answer.get("result") {
-        record.result_bytes = audit::json_len(r);
-        record.is_error = Some(r.get("isError").and_then(Value::as_bool).unwrap_or(false));
-    } else if let Some(e) = answer.pointer("/error/message").and_then(Value::as_str) {
-        record.reason = e.to_owned();
-        record.is_error = Some(true);
-    }
-    record.emit();
+    record.finish(&answer, forwarded_at);
     answer.into()
 }
 

@@ -388,11 +388,7 @@ fn check_revision(headers: &HeaderMap, method: &str, params: &Value) -> Result<E
 }
 
 fn unsupported(requested: &str) -> Refusal {
-    let supported: Vec<&str> = MODERN_VERSIONS
-        .iter()
-        .chain(&PROTOCOL_VERSIONS)
-        .copied()
-        .collect();
+    let supported = mcp::supported_versions();
     (
         StatusCode::BAD_REQUEST,
         code::UNSUPPORTED_PROTOCOL_VERSION,

@@ -283,6 +283,26 @@ impl Upstream {
             .unwrap_or_default()
     }
 
+    /// Sends one request for the agent: the upstream's answer under the agent's id `id` (the
+    /// upstream's own id is never the agent's), or an internal error saying why there is none.
+    pub async fn answer(
+        &self,
+        client: &HttpClient,
+        limits: Limits,
+        id: &Value,
+        method: &str,
+        params: Value,
+    ) -> Value {
+        match self.request(client, limits, method, params).await {
+            Ok(mut a) => {
+                a["id"] = id.clone();
+                a
+            }
+            Err(e) => json!({"jsonrpc": "2.0", "id": id,
+                             "error": {"code": super::mcp::code::INTERNAL_ERROR, "message": e.to_string()}}),
+        }
+    }
+
     /// Sends one JSON-RPC request and returns the JSON-RPC response object (with `result` or
     /// `error`).
     pub async fn request(
