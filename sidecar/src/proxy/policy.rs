@@ -327,6 +327,36 @@ mod tests {
     }
 
     #[test]
+    fn engines_kept_between_calls_carry_nothing_from_one_decision_to_the_next() {
+        // Decisions alternate on the same policy, so every one runs on an engine a different
+        // input used before: a remembered rule value would show as a wrong answer.
+        let p = ToolPolicy::shipped().unwrap();
+        for round in 0..50 {
+            let blocked = decide(&p, "agentvm", "exec", json!({"argv": ["nsenter"]}));
+            assert!(!blocked.allowed, "round {round}");
+            assert_eq!(
+                blocked.reasons,
+                ["exec of nsenter is blocked"],
+                "round {round}"
+            );
+            let fine = decide(&p, "agentvm", "exec", json!({"argv": ["ls"]}));
+            assert!(
+                fine.allowed && fine.reasons.is_empty(),
+                "round {round}: {fine:?}"
+            );
+            let agent = agent("no-exec");
+            let no_surface = p.decide(&DecisionInput::tool(
+                "tools/call",
+                "agentvm",
+                "exec",
+                Some(&json!({"argv": ["ls"]})),
+                &agent,
+            ));
+            assert!(!no_surface.allowed, "round {round}");
+        }
+    }
+
+    #[test]
     fn default_is_deny_and_deny_wins() {
         let p = policy(
             "package agentvm.tools\n\nallow if input.tool == \"a\"\n\nallow if input.tool == \"b\"\n\n\
