@@ -5,6 +5,7 @@
 //! the concurrency limit, and API failures answered within their time limit.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod exec_api;
 mod k8s;
 
 use std::net::SocketAddr;
@@ -15,7 +16,8 @@ use agentvm_sidecar::dispatch::job::Template;
 use agentvm_sidecar::dispatch::jobs::Jobs;
 use agentvm_sidecar::dispatch::{app, DispatchConfig, DispatchState};
 use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
+use axum::http::{Request, StatusCode};
+use exec_api::{call, call_raw};
 use k8s::{Mode, StandIn, NAMESPACE};
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -64,27 +66,6 @@ async fn started(config: DispatchConfig) -> (StandIn, axum::Router) {
     let api = stand_in.serve().await;
     let state = dispatcher(api, config, Duration::from_secs(2));
     (stand_in, app(state))
-}
-
-async fn call(app: &axum::Router, body: Value) -> (StatusCode, Option<String>, Value) {
-    call_raw(app, body.to_string()).await
-}
-
-async fn call_raw(app: &axum::Router, body: String) -> (StatusCode, Option<String>, Value) {
-    let request = Request::post("/v1/exec")
-        .header("content-type", "application/json")
-        .body(Body::from(body))
-        .unwrap();
-    let response = app.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let retry = response
-        .headers()
-        .get(header::RETRY_AFTER)
-        .map(|v| v.to_str().unwrap().to_owned());
-    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    (status, retry, serde_json::from_slice(&bytes).unwrap())
 }
 
 /// Waits up to 2 s for `check` to hold.

@@ -7,6 +7,8 @@
 //! a runner (no test here starts processes any other way).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod exec_api;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +16,8 @@ use std::time::{Duration, Instant};
 use agentvm_sidecar::exec::command::{base_env, Policy, DEFAULT_PATH};
 use agentvm_sidecar::exec::{app, ExecConfig, ExecState};
 use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
+use axum::http::{Request, StatusCode};
+use exec_api::{call, call_raw};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -54,27 +57,6 @@ fn config(workspace: PathBuf) -> ExecConfig {
 
 fn server(workspace: &Workspace) -> axum::Router {
     app(Arc::new(ExecState::new(config(workspace.0.clone()))))
-}
-
-async fn call(app: &axum::Router, body: Value) -> (StatusCode, Option<String>, Value) {
-    call_raw(app, body.to_string()).await
-}
-
-async fn call_raw(app: &axum::Router, body: String) -> (StatusCode, Option<String>, Value) {
-    let request = Request::post("/v1/exec")
-        .header("content-type", "application/json")
-        .body(Body::from(body))
-        .unwrap();
-    let response = app.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let retry = response
-        .headers()
-        .get(header::RETRY_AFTER)
-        .map(|v| v.to_str().unwrap().to_owned());
-    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    (status, retry, serde_json::from_slice(&bytes).unwrap())
 }
 
 /// Whether `pid` is a live process. A zombie waiting for its reaper counts as dead, unless it is

@@ -21,7 +21,7 @@ use super::jobs::{ApiError, JobEnd, Jobs, Terminated};
 use crate::exec::command::ExecRequest;
 use crate::exec::report::{self, NotStarted, Report};
 use crate::exec::server::{
-    error_response, read_body, record_answer, record_failure, ExecError, ExecResponse,
+    error_response, read_body, respond, ExecApiError, ExecError, ExecResponse,
 };
 
 /// Container termination reasons that mean the runner never ran.
@@ -152,9 +152,15 @@ pub enum DispatchError {
     Api(#[from] ApiError),
 }
 
-impl DispatchError {
-    /// The HTTP status of each error.
-    pub fn status(&self) -> StatusCode {
+impl ExecApiError for DispatchError {
+    fn json(&self) -> Option<&serde_json::Error> {
+        match self {
+            DispatchError::Json(j) => Some(j),
+            _ => None,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
         match self {
             DispatchError::Body(e) => e.status(),
             DispatchError::Json(_) | DispatchError::Plan(_) => StatusCode::BAD_REQUEST,
@@ -181,7 +187,6 @@ impl DispatchError {
         }
     }
 
-    /// A short stable label for logs.
     fn label(&self) -> &'static str {
         match self {
             DispatchError::Body(_) | DispatchError::Json(_) | DispatchError::Plan(_) => {
@@ -224,25 +229,8 @@ async fn exec(State(state): State<Arc<DispatchState>>, body: Body) -> Response {
     );
     async move {
         let span = tracing::Span::current();
-        let response = match handle(&state, id, &span, body).await {
-            Ok(r) => {
-                record_answer(&span, &r);
-                (StatusCode::OK, axum::Json(r)).into_response()
-            }
-            Err(e) => {
-                let json = match &e {
-                    DispatchError::Json(j) => Some(j),
-                    _ => None,
-                };
-                record_failure(&span, e.label(), json, &e);
-                e.into_response()
-            }
-        };
-        span.record("status", response.status().as_u16());
-        if state.config.access_log {
-            tracing::info!("exec request");
-        }
-        response
+        let outcome = handle(&state, id, &span, body).await;
+        respond(&span, outcome, state.config.access_log)
     }
     .instrument(span)
     .await

@@ -152,9 +152,15 @@ pub enum ExecError {
     Run(#[from] RunError),
 }
 
-impl ExecError {
-    /// The HTTP status of each error.
-    pub fn status(&self) -> StatusCode {
+impl ExecApiError for ExecError {
+    fn json(&self) -> Option<&serde_json::Error> {
+        match self {
+            ExecError::Json(j) => Some(j),
+            _ => None,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
         match self {
             ExecError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ExecError::Body(_) | ExecError::Json(_) | ExecError::Request(_) => {
@@ -172,7 +178,6 @@ impl ExecError {
         }
     }
 
-    /// A short stable label for logs.
     fn label(&self) -> &'static str {
         match self {
             ExecError::TooLarge(_) => "too_large",
@@ -215,26 +220,50 @@ pub(crate) fn record_answer(span: &tracing::Span, r: &ExecResponse) {
     span.record("duration_ms", r.duration_ms);
 }
 
-/// Records why a request failed. A JSON parser's message may quote the request (arguments,
-/// stdin): for those only the position is kept.
-pub(crate) fn record_failure(
+/// What the exec server's and the dispatcher's errors tell their shared API answer.
+pub(crate) trait ExecApiError: std::fmt::Display {
+    /// HTTP status of the answer.
+    fn status(&self) -> StatusCode;
+    /// A short stable label for logs.
+    fn label(&self) -> &'static str;
+    /// The parser error of a body that is not a valid request, whose message may quote the
+    /// request (arguments, stdin): for those only the position is logged.
+    fn json(&self) -> Option<&serde_json::Error>;
+}
+
+/// The answer to one exec request, recorded in the request's span (`span`), with the access
+/// log line when `access_log` is on.
+pub(crate) fn respond<E: ExecApiError>(
     span: &tracing::Span,
-    label: &'static str,
-    json: Option<&serde_json::Error>,
-    error: &dyn std::fmt::Display,
-) {
-    span.record("outcome", label);
-    match json {
-        Some(j) => span.record(
-            "reason",
-            field::display(format_args!(
-                "invalid request at line {} column {}",
-                j.line(),
-                j.column()
-            )),
-        ),
-        None => span.record("reason", field::display(error)),
+    outcome: Result<ExecResponse, E>,
+    access_log: bool,
+) -> Response {
+    let response = match outcome {
+        Ok(r) => {
+            record_answer(span, &r);
+            (StatusCode::OK, axum::Json(r)).into_response()
+        }
+        Err(e) => {
+            span.record("outcome", e.label());
+            match e.json() {
+                Some(j) => span.record(
+                    "reason",
+                    field::display(format_args!(
+                        "invalid request at line {} column {}",
+                        j.line(),
+                        j.column()
+                    )),
+                ),
+                None => span.record("reason", field::display(&e)),
+            };
+            error_response(e.status(), &e)
+        }
     };
+    span.record("status", response.status().as_u16());
+    if access_log {
+        tracing::info!("exec request");
+    }
+    response
 }
 
 async fn exec(State(state): State<Arc<ExecState>>, body: Body) -> Response {
@@ -256,25 +285,8 @@ async fn exec(State(state): State<Arc<ExecState>>, body: Body) -> Response {
     );
     async move {
         let span = tracing::Span::current();
-        let response = match handle(&state, &span, body).await {
-            Ok(r) => {
-                record_answer(&span, &r);
-                (StatusCode::OK, axum::Json(r)).into_response()
-            }
-            Err(e) => {
-                let json = match &e {
-                    ExecError::Json(j) => Some(j),
-                    _ => None,
-                };
-                record_failure(&span, e.label(), json, &e);
-                e.into_response()
-            }
-        };
-        span.record("status", response.status().as_u16());
-        if state.config.access_log {
-            tracing::info!("exec request");
-        }
-        response
+        let outcome = handle(&state, &span, body).await;
+        respond(&span, outcome, state.config.access_log)
     }
     .instrument(span)
     .await
