@@ -48,6 +48,41 @@ pub struct Started {
     pub exit: oneshot::Receiver<Exit>,
 }
 
+/// A started command's pipes, for async reading and writing (absent where not piped).
+#[derive(Debug)]
+pub struct Pipes {
+    /// Its standard input.
+    pub stdin: Option<tokio::process::ChildStdin>,
+    /// Its standard output.
+    pub stdout: Option<tokio::process::ChildStdout>,
+    /// Its standard error.
+    pub stderr: Option<tokio::process::ChildStderr>,
+}
+
+impl Started {
+    /// Takes the command's pipes, as Tokio pipes (this needs a Tokio runtime).
+    pub fn pipes(&mut self) -> io::Result<Pipes> {
+        let c = &mut self.child;
+        Ok(Pipes {
+            stdin: c
+                .stdin
+                .take()
+                .map(tokio::process::ChildStdin::from_std)
+                .transpose()?,
+            stdout: c
+                .stdout
+                .take()
+                .map(tokio::process::ChildStdout::from_std)
+                .transpose()?,
+            stderr: c
+                .stderr
+                .take()
+                .map(tokio::process::ChildStderr::from_std)
+                .transpose()?,
+        })
+    }
+}
+
 #[derive(Default)]
 struct Table {
     waiting: HashMap<i32, oneshot::Sender<Exit>>,

@@ -77,28 +77,13 @@ pub async fn run(runner: &Path, p: Prepared, cap: usize) -> Result<Outcome, RunE
     // From here on the runner is told to stop on every path out, errors included: it then ends
     // everything its command started.
     let guard = StopOnDrop(Some(child.pid));
-    let pipe_err = |e: std::io::Error| RunError::Runner(format!("cannot read its pipes: {e}"));
-    let stdout = child
-        .child
-        .stdout
-        .take()
-        .map(tokio::process::ChildStdout::from_std)
-        .transpose()
-        .map_err(pipe_err)?;
-    let stderr = child
-        .child
-        .stderr
-        .take()
-        .map(tokio::process::ChildStderr::from_std)
-        .transpose()
-        .map_err(pipe_err)?;
-    let stdin = child
-        .child
-        .stdin
-        .take()
-        .map(tokio::process::ChildStdin::from_std)
-        .transpose()
-        .map_err(pipe_err)?;
+    let reaper::Pipes {
+        stdin,
+        stdout,
+        stderr,
+    } = child
+        .pipes()
+        .map_err(|e| RunError::Runner(format!("cannot read its pipes: {e}")))?;
     let writer = match (stdin, p.stdin) {
         (Some(mut pipe), Some(bytes)) => Some(tokio::spawn(async move {
             // A command that does not read its input closes the pipe: not an error.

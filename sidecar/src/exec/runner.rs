@@ -186,20 +186,7 @@ pub async fn run(args: RunArgs) -> Result<Report, RunnerError> {
         Ok(child) => child,
         Err(e) => return Ok(not_started(NotStarted::of(&e), e.to_string())),
     };
-    let stdout = child
-        .child
-        .stdout
-        .take()
-        .map(tokio::process::ChildStdout::from_std)
-        .transpose()
-        .map_err(RunnerError::Pipe)?;
-    let stderr = child
-        .child
-        .stderr
-        .take()
-        .map(tokio::process::ChildStderr::from_std)
-        .transpose()
-        .map_err(RunnerError::Pipe)?;
+    let reaper::Pipes { stdout, stderr, .. } = child.pipes().map_err(RunnerError::Pipe)?;
     let (drain_by, drain) = watch::channel(None);
     let cap = args.max_output_bytes;
     let out = tokio::spawn(capture(stdout, cap, drain.clone()));
