@@ -39,27 +39,33 @@ pub struct Record<'a> {
 }
 
 impl<'a> Record<'a> {
-    /// Writes the record.
-    pub fn emit(&self) {
-        tracing::info!(
-            target: "agentvm::audit",
-            decision = self.decision,
-            method = self.method,
-            agent.pod = %self.agent.pod,
-            agent.namespace = %self.agent.namespace,
-            agent.service_account = %self.agent.service_account,
-            agent.profile = %self.agent.profile,
-            upstream = self.upstream,
-            tool = self.tool,
-            uri = self.uri,
-            reason = self.reason.as_str(),
-            latency_us = self.started.elapsed().as_micros() as u64,
-            upstream_us = self.upstream_us,
-            args_sha256 = self.args_digest,
-            result_bytes = self.result_bytes,
-            is_error = self.is_error,
-            "tool call"
-        );
+    /// Writes the record: after the answer has gone out when called in the proxy's runtime
+    /// (formatting a record costs as much as a small policy decision, and the agent need not
+    /// wait for it), at once elsewhere. A record still waiting when the runtime stops is
+    /// written as it is dropped, so none is lost at shutdown.
+    pub fn emit(&mut self) {
+        let written = Written {
+            agent: self.agent.clone(),
+            method: self.method.to_owned(),
+            tool: self.tool.to_owned(),
+            uri: self.uri.to_owned(),
+            upstream: self.upstream.to_owned(),
+            decision: self.decision,
+            reason: std::mem::take(&mut self.reason),
+            args_digest: self.args_digest.to_owned(),
+            latency_us: self.started.elapsed().as_micros() as u64,
+            upstream_us: self.upstream_us,
+            result_bytes: self.result_bytes,
+            is_error: self.is_error,
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            use tracing::Instrument;
+            // On the proxy's single thread, a spawned task runs once the request's task has
+            // handed its answer to the socket and yielded.
+            runtime.spawn(async move { drop(written) }.instrument(tracing::Span::current()));
+        } else {
+            drop(written);
+        }
     }
 
     /// Records what came back (`answer`, the JSON-RPC response sent to the agent, awaited
@@ -92,6 +98,46 @@ impl<'a> Record<'a> {
             result_bytes: 0,
             is_error: None,
         }
+    }
+}
+
+/// A record's fields, owned, written when dropped.
+struct Written {
+    agent: Agent,
+    method: String,
+    tool: String,
+    uri: String,
+    upstream: String,
+    decision: &'static str,
+    reason: String,
+    args_digest: String,
+    latency_us: u64,
+    upstream_us: u64,
+    result_bytes: usize,
+    is_error: Option<bool>,
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        tracing::info!(
+            target: "agentvm::audit",
+            decision = self.decision,
+            method = self.method.as_str(),
+            agent.pod = %self.agent.pod,
+            agent.namespace = %self.agent.namespace,
+            agent.service_account = %self.agent.service_account,
+            agent.profile = %self.agent.profile,
+            upstream = self.upstream.as_str(),
+            tool = self.tool.as_str(),
+            uri = self.uri.as_str(),
+            reason = self.reason.as_str(),
+            latency_us = self.latency_us,
+            upstream_us = self.upstream_us,
+            args_sha256 = self.args_digest.as_str(),
+            result_bytes = self.result_bytes,
+            is_error = self.is_error,
+            "tool call"
+        );
     }
 }
 
@@ -201,6 +247,50 @@ mod tests {
             });
             let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
             assert_eq!(text.lines().count(), 1, "one record, one line: {text}");
+        }
+
+        fn text(buffer: &Buffer) -> String {
+            String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+        }
+
+        /// In the proxy's runtime a record is written once the request's task yields (after
+        /// its answer went out), inside the request's span, with the latency of the answer;
+        /// one still waiting when the runtime stops is written then.
+        #[test]
+        fn records_are_written_after_the_answer_and_never_lost() {
+            let buffer = Buffer::default();
+            let writer = buffer.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish();
+            let _default = tracing::subscriber::set_default(subscriber);
+            let agent = Agent::default();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let span = tracing::info_span!("mcp", request = 7);
+                let _entered = span.enter();
+                let mut record = Record::new(&agent, "tools/call", "d", Instant::now());
+                record.tool = "up__echo";
+                record.reason = "first".into();
+                record.emit();
+                assert_eq!(text(&buffer), "", "nothing written before the task yields");
+                tokio::task::yield_now().await;
+                let written = text(&buffer);
+                assert_eq!(written.lines().count(), 1, "{written}");
+                assert!(written.contains("mcp{request=7}"), "{written}");
+                assert!(written.contains("tool=\"up__echo\""), "{written}");
+                assert!(written.contains("reason=\"first\""), "{written}");
+                record.reason = "second".into();
+                record.emit();
+            });
+            assert_eq!(text(&buffer).lines().count(), 1);
+            drop(runtime);
+            let written = text(&buffer);
+            assert_eq!(written.lines().count(), 2, "{written}");
+            assert!(written.contains("reason=\"second\""), "{written}");
         }
     }
 }
