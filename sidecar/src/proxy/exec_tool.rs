@@ -68,7 +68,9 @@ pub async fn call(
         .method(Method::POST)
         .uri(uri)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(Value::Object(body).to_string())))
+        .body(Full::new(Bytes::from(super::server::json_bytes(
+            &Value::Object(body),
+        ))))
         .map_err(|e| transport(e.to_string()))?;
     // The command's own time limit plus a margin, when it is longer than the usual one.
     let command_ms = arguments

@@ -39,9 +39,16 @@ fn json_response(status: StatusCode, body: &Value) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
+        json_bytes(body),
     )
         .into_response()
+}
+
+/// `value` as JSON text, written by the serializer directly (`to_string` goes through the
+/// formatting machinery, which checks every piece it writes again).
+pub fn json_bytes(value: &Value) -> Vec<u8> {
+    // Serializing a `Value` cannot fail (its keys are strings).
+    serde_json::to_vec(value).unwrap_or_default()
 }
 
 /// Whether `origin` may call: none at all (not a browser), a loopback origin, or a listed one.
@@ -143,7 +150,7 @@ async fn handle_post(state: &Arc<ProxyState>, headers: &HeaderMap, body: Body) -
             return json_response(StatusCode::PAYLOAD_TOO_LARGE, &e);
         }
     };
-    let message: Value = match serde_json::from_slice(&bytes) {
+    let mut message: Value = match serde_json::from_slice(&bytes) {
         Ok(v) => v,
         Err(_) => {
             let e = mcp::error(&null, code::PARSE_ERROR, "parse error");
@@ -159,6 +166,10 @@ async fn handle_post(state: &Arc<ProxyState>, headers: &HeaderMap, body: Body) -
         );
         return json_response(StatusCode::BAD_REQUEST, &e);
     }
+    let params = match &mut message {
+        Value::Object(fields) => fields.remove("params").unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
     let id = message.get("id").cloned();
     let method = message.get("method").and_then(Value::as_str);
     let valid = message.get("jsonrpc").and_then(Value::as_str) == Some("2.0")
@@ -184,7 +195,6 @@ async fn handle_post(state: &Arc<ProxyState>, headers: &HeaderMap, body: Body) -
         );
         return json_response(StatusCode::BAD_REQUEST, &e);
     };
-    let params = message.get("params").cloned().unwrap_or(Value::Null);
     let reply_id = id.as_ref().unwrap_or(&null);
     let era = match check_revision(headers, method, &params) {
         Ok(era) => era,

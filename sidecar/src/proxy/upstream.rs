@@ -448,7 +448,7 @@ impl Upstream {
             req = req.header(header::AUTHORIZATION, value);
         }
         let req = req
-            .body(Full::new(Bytes::from(body.to_string())))
+            .body(Full::new(Bytes::from(super::server::json_bytes(body))))
             .map_err(|e| UpstreamError::Transport {
                 name: name.clone(),
                 message: scrub(e.to_string()),
@@ -493,16 +493,22 @@ impl Upstream {
         } else {
             match body_stream.collect().await {
                 Ok(c) => {
-                    let text = scrub(String::from_utf8_lossy(&c.to_bytes()).into_owned());
-                    serde_json::from_str::<Value>(&text)
-                        .map_err(|e| e.to_string())
-                        .and_then(|v| {
-                            if v.get("id") == body.get("id") {
-                                Ok(v)
-                            } else {
-                                Err("the answer is for another request".to_owned())
-                            }
-                        })
+                    let bytes = c.to_bytes();
+                    let parsed = match (&token, std::str::from_utf8(&bytes)) {
+                        // Nothing to remove: parsed where it lies.
+                        (None, Ok(text)) => serde_json::from_str::<Value>(text),
+                        _ => {
+                            let text = scrub(String::from_utf8_lossy(&bytes).into_owned());
+                            serde_json::from_str::<Value>(&text)
+                        }
+                    };
+                    parsed.map_err(|e| e.to_string()).and_then(|v| {
+                        if v.get("id") == body.get("id") {
+                            Ok(v)
+                        } else {
+                            Err("the answer is for another request".to_owned())
+                        }
+                    })
                 }
                 Err(e) => Err(limit_or(e)),
             }
