@@ -593,6 +593,7 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
             profile: args.profile.clone(),
         },
         max_body_bytes: args.max_body_bytes,
+        body_timeout: proxy::state::BODY_TIMEOUT,
         limits: proxy::upstream::Limits {
             timeout: Duration::from_millis(args.upstream_timeout_ms.max(1)),
             max_response_bytes: args.max_response_bytes,

@@ -24,9 +24,6 @@ use super::state::ProxyState;
 
 const SESSION_HEADER: &str = "mcp-session-id";
 
-/// How long a request body may take to arrive.
-const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// The proxy's router.
 pub fn app(state: Arc<ProxyState>) -> Router {
     Router::new()
@@ -128,7 +125,7 @@ async fn handle_post(state: &Arc<ProxyState>, headers: &HeaderMap, body: Body) -
         return json_response(StatusCode::FORBIDDEN, &e);
     }
     let read = tokio::time::timeout(
-        BODY_READ_TIMEOUT,
+        state.body_timeout,
         axum::body::to_bytes(body, state.max_body_bytes),
     );
     let bytes = match read.await {

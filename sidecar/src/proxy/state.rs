@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use agentvm_common::reload::Reloadable;
 
@@ -16,6 +17,8 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 << 20;
 /// Default upstream time limit, in milliseconds.
 pub const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 30_000;
+/// How long a request body may take to arrive.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Settings that do not come from the config file.
 #[derive(Debug, Clone)]
@@ -24,6 +27,8 @@ pub struct ProxySettings {
     pub agent: Agent,
     /// Request body limit.
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive ([`BODY_TIMEOUT`]).
+    pub body_timeout: Duration,
     /// Upstream limits.
     pub limits: Limits,
     /// Origins accepted besides loopback ones (`http://localhost:3000`, ...).
@@ -47,6 +52,8 @@ pub struct ProxyState {
     pub limits: Limits,
     /// Request body limit.
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive.
+    pub body_timeout: Duration,
     /// Accepted non-loopback origins.
     pub allowed_origins: Vec<String>,
     /// Access log on.
@@ -69,6 +76,7 @@ impl ProxyState {
             client: upstream::http_client(),
             limits: settings.limits,
             max_body_bytes: settings.max_body_bytes,
+            body_timeout: settings.body_timeout,
             allowed_origins: settings.allowed_origins,
             access_log: settings.access_log,
             sessions: Mutex::new(Sessions::default()),

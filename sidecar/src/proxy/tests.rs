@@ -171,6 +171,15 @@ fn proxy(url: &str, timeout: Duration) -> Router {
 }
 
 fn proxy_with(url: &str, timeout: Duration, extra_config: &str) -> Router {
+    proxy_body_timeout(url, timeout, extra_config, super::state::BODY_TIMEOUT)
+}
+
+fn proxy_body_timeout(
+    url: &str,
+    timeout: Duration,
+    extra_config: &str,
+    body_timeout: Duration,
+) -> Router {
     let config = ProxyConfig::parse(&(format!(
         "upstreams:\n  - name: up\n    url: {url}\n    credentialFile: {}\nexec:\n  endpoint: http://127.0.0.1:9\n",
         credential_file().display()
@@ -186,6 +195,7 @@ fn proxy_with(url: &str, timeout: Duration, extra_config: &str) -> Router {
             profile: "sidecar-exec".into(),
         },
         max_body_bytes: 64 * 1024,
+        body_timeout,
         limits: Limits {
             timeout,
             max_response_bytes: 1 << 20,
@@ -231,6 +241,36 @@ async fn send(
 
 fn call(id: i64, name: &str, arguments: Value) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": name, "arguments": arguments}})
+}
+
+/// A client that starts a body and never finishes it gets 408 once the body timeout has
+/// passed (30 s in the proxy, a fifth of a second here).
+#[tokio::test]
+async fn a_body_that_never_ends_is_refused_at_the_body_timeout() {
+    use futures_util::StreamExt;
+    let limit = Duration::from_millis(200);
+    let app = proxy_body_timeout("http://127.0.0.1:9/mcp", Duration::from_secs(1), "", limit);
+    let first = futures_util::stream::once(async {
+        Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"{\"jsonrpc\": \"2.0\", "))
+    });
+    let body = Body::from_stream(first.chain(futures_util::stream::pending()));
+    let request = Request::post("/mcp")
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(10), app.clone().oneshot(request))
+        .await
+        .expect("the proxy gave up on the body")
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+    assert!((limit..limit * 10).contains(&waited), "{waited:?}");
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let answer: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(answer["error"]["code"], -32600, "{answer}");
 }
 
 #[tokio::test]
