@@ -158,15 +158,24 @@ fn rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// CPU time (user + system, all threads) of a process so far, in microseconds.
+/// CPU time of a process so far (all its threads), in microseconds: the scheduler's own count
+/// in nanoseconds (`/proc/PID/task/TID/schedstat`), not the tick-sampled user and system times
+/// of `/proc/PID/stat`, which charge whole ticks to whoever runs when one falls and so
+/// overcharge processes that wake up a thousand times a second.
 fn cpu_us(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // USER_HZ is 100 on Linux.
-    ticks * 10_000
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path().join("schedstat");
+        // A thread that ended between listing and reading counts no more.
+        if let Ok(text) = std::fs::read_to_string(path) {
+            ns += text
+                .split_whitespace()
+                .next()
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    ns / 1000
 }
 
 /// CPU time of the load generator, the upstream and the process in the middle (forwarder or
