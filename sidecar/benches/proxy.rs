@@ -16,7 +16,10 @@
 //! Settings: BENCH_RATE (calls/s, default 1000), BENCH_SECS (rounds of one second per path,
 //! default 5), BENCH_WORKERS (closed loop, default 16), BENCH_AUDIT=off (log level warn: no
 //! audit records), BENCH_PROXY_WRAPPER (a command the proxy runs under, such as
-//! `valgrind --tool=callgrind`; the proxy gets SIGTERM at the end so that it writes its profile).
+//! `valgrind --tool=callgrind`; the proxy gets SIGTERM at the end so that it writes its profile),
+//! BENCH_EVERYTHING (the `dist/index.js` of `@modelcontextprotocol/server-everything`, which
+//! `sidecar/tests/interop/run.sh` installs into `target/interop`: a real MCP server on Node.js as
+//! the upstream instead of the minimal one, its `echo` tool called in a session on every path).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::process::{Child, Command, Stdio};
@@ -84,29 +87,83 @@ async fn upstream(_headers: HeaderMap, body: String) -> Response {
         .into_response()
 }
 
-async fn post_json(client: &HttpClient, url: &str, body: &Value) -> Duration {
-    let req = Request::post(url)
+/// POSTs one JSON-RPC message in the MCP session `session`; the time to the whole answer (JSON,
+/// or the one message of an SSE stream), and the answer with its session header.
+async fn exchange(
+    client: &HttpClient,
+    url: &str,
+    session: Option<&str>,
+    body: &Value,
+) -> (Duration, Option<String>, Value) {
+    let mut req = Request::post(url)
         .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
+        .header("accept", "application/json, text/event-stream");
+    if let Some(s) = session {
+        req = req
+            .header("mcp-session-id", s)
+            .header("mcp-protocol-version", "2025-06-18");
+    }
+    let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
     let started = Instant::now();
     let response = client.request(req).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
+    let status = response.status();
+    assert!(status.is_success(), "{status}");
+    let session = response
+        .headers()
+        .get("mcp-session-id")
+        .map(|v| v.to_str().unwrap().to_owned());
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     let elapsed = started.elapsed();
-    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    if status == StatusCode::ACCEPTED {
+        return (elapsed, session, Value::Null);
+    }
+    let text = std::str::from_utf8(&bytes).unwrap();
+    let json = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data:"))
+        .unwrap_or(text);
+    (elapsed, session, serde_json::from_str(json.trim()).unwrap())
+}
+
+async fn post_json(
+    client: &HttpClient,
+    url: &str,
+    session: Option<&str>,
+    body: &Value,
+) -> Duration {
+    let (elapsed, _, v) = exchange(client, url, session, body).await;
     assert!(v.get("result").is_some(), "{v}");
     elapsed
 }
 
+/// Opens an MCP session at `url`: its id.
+async fn open_session(client: &HttpClient, url: &str) -> Option<String> {
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "bench", "version": "1"}}});
+    let (_, session, answer) = exchange(client, url, None, &init).await;
+    assert!(answer.get("result").is_some(), "{answer}");
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    exchange(client, url, session.as_deref(), &note).await;
+    session
+}
+
 fn call(name: &str) -> Value {
+    // `text` for the minimal upstream, `message` for server-everything's `echo`.
     json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-           "params": {"name": name, "arguments": {"text": "hello"}}})
+           "params": {"name": name, "arguments": {"text": "hello", "message": "hello"}}})
 }
 
 /// Open loop: `rate` calls a second for `secs` seconds; latencies in microseconds.
-async fn at_rate(client: &HttpClient, url: &str, name: &str, rate: u64, secs: u64) -> Vec<u64> {
+async fn at_rate(
+    client: &HttpClient,
+    url: &str,
+    session: Option<&str>,
+    name: &str,
+    rate: u64,
+    secs: u64,
+) -> Vec<u64> {
+    let session = session.map(str::to_owned);
     let body = Arc::new(call(name));
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -114,8 +171,9 @@ async fn at_rate(client: &HttpClient, url: &str, name: &str, rate: u64, secs: u6
     for _ in 0..rate * secs {
         ticker.tick().await;
         let (client, url, body) = (client.clone(), url.to_owned(), body.clone());
+        let session = session.clone();
         tasks.push(tokio::spawn(async move {
-            post_json(&client, &url, &body).await
+            post_json(&client, &url, session.as_deref(), &body).await
         }));
     }
     let mut out = Vec::new();
@@ -126,16 +184,25 @@ async fn at_rate(client: &HttpClient, url: &str, name: &str, rate: u64, secs: u6
 }
 
 /// Closed loop: `workers` callers for `secs` seconds; the number of calls.
-async fn closed_loop(client: &HttpClient, url: &str, name: &str, workers: usize, secs: u64) -> u64 {
+async fn closed_loop(
+    client: &HttpClient,
+    url: &str,
+    session: Option<&str>,
+    name: &str,
+    workers: usize,
+    secs: u64,
+) -> u64 {
+    let session = session.map(str::to_owned);
     let body = Arc::new(call(name));
     let until = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for _ in 0..workers {
         let (client, url, body) = (client.clone(), url.to_owned(), body.clone());
+        let session = session.clone();
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < until {
-                post_json(&client, &url, &body).await;
+                post_json(&client, &url, session.as_deref(), &body).await;
                 n += 1;
             }
             n
@@ -270,8 +337,20 @@ async fn serve_forwarder(upstream: String) {
                 .request(req.body(Full::new(body)).unwrap())
                 .await
                 .unwrap();
-            let (parts, body) = response.into_parts();
+            let (mut parts, body) = response.into_parts();
             let bytes = body.collect().await.unwrap().to_bytes();
+            // Hop-by-hop headers are the upstream connection's, not the answer's (a chunked
+            // empty 202 relayed with its `transfer-encoding` would be a broken response).
+            for name in [
+                "connection",
+                "keep-alive",
+                "transfer-encoding",
+                "te",
+                "trailer",
+                "upgrade",
+            ] {
+                parts.headers.remove(name);
+            }
             Response::from_parts(parts, axum::body::Body::from(bytes))
         }
     };
@@ -314,6 +393,7 @@ struct Path {
     opened: u64,
     calls: u64,
     cpu_closed: Cpu,
+    session: Option<String>,
 }
 
 impl Path {
@@ -328,6 +408,7 @@ impl Path {
             opened: 0,
             calls: 0,
             cpu_closed: Cpu::default(),
+            session: None,
         }
     }
 }
@@ -345,6 +426,31 @@ fn main() {
         "forwarder" => rt.block_on(serve_forwarder(std::env::var("BENCH_UPSTREAM").unwrap())),
         _ => rt.block_on(run()),
     }
+}
+
+/// Starts server-everything (`node SCRIPT streamableHttp`) on a free port; its address and the
+/// child, once it accepts connections.
+fn spawn_everything(script: &str) -> (std::net::SocketAddr, Child) {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let child = Command::new("node")
+        .arg(script)
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("node, to run server-everything");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return (addr, child);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("server-everything did not start on {addr}");
 }
 
 /// Starts this binary again in `role`; its address and the child.
@@ -371,9 +477,13 @@ async fn run() {
     let workers = env_or("BENCH_WORKERS", 16) as usize;
     let audit = std::env::var("BENCH_AUDIT").as_deref() != Ok("off");
 
-    // The upstream runs in its own process (this binary again), as it would in a cluster: the
-    // direct path crosses one process boundary and the proxied path three.
-    let (up, up_child) = spawn_role("upstream", "");
+    // The upstream runs in its own process (this binary again, or server-everything), as it
+    // would in a cluster: the direct path crosses one process boundary and the proxied path three.
+    let everything = std::env::var("BENCH_EVERYTHING").ok();
+    let (up, up_child) = match &everything {
+        Some(script) => spawn_everything(script),
+        None => spawn_role("upstream", ""),
+    };
     let upstream_pid = up_child.id();
     let _upstream = Proxy(up_child);
     let (fwd, fwd_child) = spawn_role("forwarder", &format!("http://{up}/mcp"));
@@ -449,15 +559,21 @@ async fn run() {
         Path::new("proxied", proxy_url, "up__echo", Some(proxy.0.id())),
     ];
     let pids = |p: &Path| [std::process::id(), upstream_pid, p.middle.unwrap_or(0)];
+    // A real MCP server wants a session on every path (the proxy keeps its own upstream).
+    for p in paths.iter_mut() {
+        if everything.is_some() {
+            p.session = open_session(&client, &p.url).await;
+        }
+    }
     // Warm up every path (connections, the proxy's upstream session and tool list).
     for p in &paths {
-        post_json(&client, &p.url, &call(p.tool)).await;
-        at_rate(&client, &p.url, p.tool, 500, 1).await;
+        post_json(&client, &p.url, p.session.as_deref(), &call(p.tool)).await;
+        at_rate(&client, &p.url, p.session.as_deref(), p.tool, 500, 1).await;
     }
     for _ in 0..secs {
         for p in paths.iter_mut() {
             let (before, opened_before) = (Cpu::now(pids(p)), opened.load(Ordering::Relaxed));
-            let l = at_rate(&client, &p.url, p.tool, rate, 1).await;
+            let l = at_rate(&client, &p.url, p.session.as_deref(), p.tool, rate, 1).await;
             p.cpu_at_rate.add(Cpu::now(pids(p)), before);
             p.latencies.extend(l);
             p.opened += opened.load(Ordering::Relaxed) - opened_before;
@@ -467,7 +583,7 @@ async fn run() {
     for _ in 0..ROUNDS {
         for p in paths.iter_mut() {
             let before = Cpu::now(pids(p));
-            p.calls += closed_loop(&client, &p.url, p.tool, workers, 1).await;
+            p.calls += closed_loop(&client, &p.url, p.session.as_deref(), p.tool, workers, 1).await;
             p.cpu_closed.add(Cpu::now(pids(p)), before);
         }
     }
@@ -478,9 +594,14 @@ async fn run() {
 
     println!(
         "tools/call, {rate} calls/s, {secs} alternating rounds of 1 s per path ({} calls per \
-         path), audit records {}",
+         path), audit records {}, upstream {}",
         paths[0].latencies.len(),
         if audit { "on" } else { "off" },
+        if everything.is_some() {
+            "server-everything"
+        } else {
+            "minimal"
+        },
     );
     println!(
         "{:<10} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9}  CPU us/call: load, upstream, middle",
