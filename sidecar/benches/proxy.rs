@@ -435,7 +435,7 @@ fn spawn_everything(script: &str) -> (std::net::SocketAddr, Child) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let child = Command::new("node")
+    let mut child = Command::new("node")
         .arg(script)
         .arg("streamableHttp")
         .env("PORT", port.to_string())
@@ -450,6 +450,8 @@ fn spawn_everything(script: &str) -> (std::net::SocketAddr, Child) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("server-everything did not start on {addr}");
 }
 
