@@ -716,7 +716,16 @@ mod binary {
         }
     }
 
-    fn kubeconfig(api: SocketAddr) -> std::path::PathBuf {
+    /// A kubeconfig file, removed when dropped.
+    struct Kubeconfig(std::path::PathBuf);
+
+    impl Drop for Kubeconfig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn kubeconfig(api: SocketAddr) -> Kubeconfig {
         let path = std::env::temp_dir().join(format!(
             "agentvm-dispatch-kubeconfig-{}-{}",
             api.port(),
@@ -729,13 +738,15 @@ mod binary {
              user: {{}}\n"
         );
         std::fs::write(&path, text).unwrap();
-        path
+        Kubeconfig(path)
     }
 
-    fn command(api: SocketAddr, port: u16) -> Command {
+    /// The dispatcher's command, and its kubeconfig (keep it until the command has started).
+    fn command(api: SocketAddr, port: u16) -> (Command, Kubeconfig) {
+        let config = kubeconfig(api);
         let mut c = Command::new(BIN);
         c.args(["dispatch", "--listen", &format!("127.0.0.1:{port}")])
-            .env("KUBECONFIG", kubeconfig(api))
+            .env("KUBECONFIG", &config.0)
             .env("AGENTVM_POD_NAMESPACE", NAMESPACE)
             .env("AGENTVM_POD_NAME", DISPATCHER)
             .env("AGENTVM_DISPATCH_IMAGE", "registry.example.com/tools:1")
@@ -744,7 +755,7 @@ mod binary {
             .env("AGENTVM_LOG_LEVEL", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        c
+        (c, config)
     }
 
     /// One HTTP/1.1 request with `Connection: close`; the status and the body.
@@ -782,7 +793,8 @@ mod binary {
             json!({"agentvm.dev/dispatcher": DISPATCHER}),
         );
         let port = free_port();
-        let mut server = Server(command(api, port).spawn().unwrap());
+        let (mut command, _kubeconfig) = command(api, port);
+        let mut server = Server(command.spawn().unwrap());
         let started = Instant::now();
         while http(port, "GET", "/healthz", "").await.is_none() {
             assert!(started.elapsed() < Duration::from_secs(10), "never served");
@@ -849,10 +861,8 @@ mod binary {
             "AGENTVM_POD_NAMESPACE",
             "AGENTVM_POD_NAME",
         ] {
-            let out = command(api, free_port())
-                .env_remove(unset)
-                .output()
-                .unwrap();
+            let (mut command, _kubeconfig) = command(api, free_port());
+            let out = command.env_remove(unset).output().unwrap();
             assert_eq!(out.status.code(), Some(64), "{unset}");
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(stderr.contains("must be"), "{unset}: {stderr}");
@@ -862,7 +872,8 @@ mod binary {
             ["--workdir", "/tmp/work"],
             ["--workdir", "/agentvm"],
         ] {
-            let out = command(api, free_port()).args(bad).output().unwrap();
+            let (mut command, _kubeconfig) = command(api, free_port());
+            let out = command.args(bad).output().unwrap();
             assert_eq!(out.status.code(), Some(64), "{bad:?}");
         }
     }
