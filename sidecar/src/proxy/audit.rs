@@ -36,7 +36,15 @@ pub struct Record<'a> {
     pub result_bytes: usize,
     /// The result's `isError`, when there is a result or an error.
     pub is_error: Option<bool>,
+    /// The request went to the upstream or exec backend ([`Record::forwarding`]).
+    in_flight: bool,
+    /// The record was written.
+    written: bool,
 }
+
+/// The reason of a record whose request ended while it was with the upstream.
+pub const ABANDONED: &str =
+    "abandoned: the request ended before its answer (the agent went away or the proxy stopped)";
 
 impl<'a> Record<'a> {
     /// Writes the record: after the answer has gone out when called in the proxy's runtime
@@ -44,6 +52,7 @@ impl<'a> Record<'a> {
     /// wait for it), at once elsewhere. A record still waiting when the runtime stops is
     /// written as it is dropped, so none is lost at shutdown.
     pub fn emit(&mut self) {
+        self.written = true;
         let written = Written {
             agent: self.agent.clone(),
             method: self.method.to_owned(),
@@ -68,16 +77,28 @@ impl<'a> Record<'a> {
         }
     }
 
+    /// Marks the request as sent on to the upstream or exec backend: from now on the record is
+    /// written even if the request ends without an answer (see [`ABANDONED`]).
+    pub fn forwarding(&mut self) {
+        self.in_flight = true;
+    }
+
     /// Records what came back (`answer`, the JSON-RPC response sent to the agent, awaited
-    /// since `forwarded_at`) and writes the record.
-    pub fn finish(&mut self, answer: &Value, forwarded_at: Instant) {
+    /// since `forwarded_at`) and writes the record. `failure` is the proxy's own account of a
+    /// call that got no answer from its backend (a timeout, a refusal); an upstream's error
+    /// text is never recorded (it may quote the arguments), only its code.
+    pub fn finish(&mut self, answer: &Value, forwarded_at: Instant, failure: Option<String>) {
         self.upstream_us = forwarded_at.elapsed().as_micros() as u64;
         if let Some(r) = answer.get("result") {
             self.result_bytes = json_len(r);
             self.is_error = Some(r.get("isError").and_then(Value::as_bool).unwrap_or(false));
-        } else if let Some(e) = answer.pointer("/error/message").and_then(Value::as_str) {
-            self.reason = e.to_owned();
+        } else if let Some(e) = answer.get("error") {
             self.is_error = Some(true);
+            let code = e.get("code").map(Value::to_string).unwrap_or_default();
+            self.reason = format!("the upstream answered error {code}");
+        }
+        if let Some(f) = failure {
+            self.reason = f;
         }
         self.emit();
     }
@@ -97,6 +118,20 @@ impl<'a> Record<'a> {
             upstream_us: 0,
             result_bytes: 0,
             is_error: None,
+            in_flight: false,
+            written: false,
+        }
+    }
+}
+
+impl Drop for Record<'_> {
+    /// A request dropped while it was with the upstream (the agent closed the connection, the
+    /// grace period at shutdown ran out) is recorded all the same: the call may have had its
+    /// effect.
+    fn drop(&mut self) {
+        if self.in_flight && !self.written {
+            self.reason = ABANDONED.to_owned();
+            self.emit();
         }
     }
 }

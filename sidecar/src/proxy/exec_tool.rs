@@ -55,7 +55,7 @@ pub async fn call(
     limits: Limits,
     endpoint: &str,
     arguments: &Value,
-) -> Result<Value, ExecToolError> {
+) -> Result<Ran, ExecToolError> {
     let mut body = Map::new();
     for key in ["argv", "cwd", "stdin", "env", "timeout_ms"] {
         if let Some(v) = arguments.get(key) {
@@ -98,7 +98,20 @@ pub async fn call(
     let (status, answer) = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| transport("no answer in time".into()))??;
-    Ok(to_result(status, &answer))
+    Ok(Ran {
+        result: to_result(status, &answer),
+        refused: (status != StatusCode::OK).then_some(status.as_u16()),
+    })
+}
+
+/// What the exec backend answered: the tool result, and the HTTP status when it refused the
+/// command (busy, a bad request) rather than ran it.
+#[derive(Debug)]
+pub struct Ran {
+    /// The `CallToolResult`.
+    pub result: Value,
+    /// The exec server's status when it did not run the command.
+    pub refused: Option<u16>,
 }
 
 fn to_result(status: StatusCode, answer: &Value) -> Value {

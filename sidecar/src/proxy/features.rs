@@ -240,10 +240,11 @@ async fn forward(
     record: &mut audit::Record<'_>,
 ) -> Value {
     let forwarded_at = Instant::now();
-    let answer = upstream
+    record.forwarding();
+    let (answer, failure) = upstream
         .answer(&state.client, state.limits, id, method, params)
         .await;
-    record.finish(&answer, forwarded_at);
+    record.finish(&answer, forwarded_at, failure);
     answer
 }
 
@@ -306,10 +307,11 @@ pub async fn get_prompt(state: &Arc<ProxyState>, id: &Value, params: &Value) -> 
     let empty = json!({});
     let arguments = params.get("arguments").unwrap_or(&empty);
     let digest = audit::digest(arguments);
+    // Declared before the record, which borrows from them and writes itself when dropped.
+    let routes = state.routes.get();
     let mut record = audit::Record::new(&state.agent, "prompts/get", &digest, Instant::now());
     record.tool = name;
     let unknown = error(id, code::INVALID_PARAMS, &format!("Unknown prompt: {name}"));
-    let routes = state.routes.get();
     let Some((upstream, own)) = split_name(&routes, name) else {
         return refuse(&mut record, "unknown", "no such prompt".into(), unknown);
     };
@@ -383,10 +385,10 @@ async fn decide_resource(
     era: Era,
 ) -> Value {
     let digest = audit::digest(&json!({"uri": uri}));
+    let routes = state.routes.get();
     let mut record = audit::Record::new(&state.agent, method, &digest, Instant::now());
     record.uri = uri;
     let unknown = unknown_resource(id, uri, era);
-    let routes = state.routes.get();
     let index = match route_uri(state, &routes, uri).await {
         Ok(Some(i)) => i,
         Ok(None) => {
@@ -444,9 +446,9 @@ pub async fn complete(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Va
     let kind = reference.get("type").and_then(Value::as_str).unwrap_or("");
     let argument = params.get("argument").cloned().unwrap_or_else(|| json!({}));
     let digest = audit::digest(&argument);
+    let routes = state.routes.get();
     let mut record =
         audit::Record::new(&state.agent, "completion/complete", &digest, Instant::now());
-    let routes = state.routes.get();
     let unknown = |what: &str| {
         error(
             id,

@@ -284,21 +284,10 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value, era: Era
     let arguments = params.get("arguments").unwrap_or(&empty);
     let digest = audit::digest(arguments);
     let unknown = || -> Answer { unknown_tool(id, name, era).into() };
-    let mut record = audit::Record {
-        agent: &state.agent,
-        method: "tools/call",
-        tool: name,
-        uri: "",
-        upstream: "",
-        decision: "unknown",
-        reason: String::new(),
-        args_digest: &digest,
-        started,
-        upstream_us: 0,
-        result_bytes: 0,
-        is_error: None,
-    };
+    // Declared before the record, which borrows from them and writes itself when dropped.
     let routes = state.routes.get();
+    let mut record = audit::Record::new(&state.agent, "tools/call", &digest, started);
+    record.tool = name;
     let Some(target) = resolve(&routes, name) else {
         record.reason = "no such tool".into();
         record.emit();
@@ -327,16 +316,27 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value, era: Era
         }
     }
     let forwarded_at = Instant::now();
-    let answer = match &target {
+    let (answer, failure) = match &target {
         Target::Exec => {
             let endpoint = routes.exec_endpoint.as_deref().unwrap_or_default();
+            record.forwarding();
             match exec_tool::call(&state.client, state.limits, endpoint, arguments).await {
-                Ok(r) => result(id, r),
-                Err(e) => error(id, code::INTERNAL_ERROR, &e.to_string()),
+                Ok(ran) => {
+                    let failure = ran
+                        .refused
+                        .map(|status| format!("the exec server refused it: HTTP {status}"));
+                    (result(id, ran.result), failure)
+                }
+                Err(e) => (
+                    error(id, code::INTERNAL_ERROR, &e.to_string()),
+                    Some(e.to_string()),
+                ),
             }
         }
         Target::Upstream { index, tool } => {
             let Some(u) = routes.upstreams.get(*index) else {
+                record.reason = "no such upstream".into();
+                record.emit();
                 return unknown();
             };
             match u.has(&state.client, state.limits, Kind::Tools, tool).await {
@@ -359,11 +359,12 @@ async fn call_tool(state: &Arc<ProxyState>, id: &Value, params: &Value, era: Era
                 }
             }
             let forwarded = json!({"name": tool, "arguments": arguments});
+            record.forwarding();
             u.answer(&state.client, state.limits, id, "tools/call", forwarded)
                 .await
         }
     };
-    record.finish(&answer, forwarded_at);
+    record.finish(&answer, forwarded_at, failure);
     answer.into()
 }
 

@@ -76,6 +76,8 @@ async fn upstream(log: Log, sse: bool) -> String {
                 {"name": "junk", "inputSchema": {"type": "object"}},
                 {"name": "escaped", "inputSchema": {"type": "object"}},
                 {"name": "misdirected", "inputSchema": {"type": "object"}},
+                {"name": "slow", "inputSchema": {"type": "object"}},
+                {"name": "quoting", "inputSchema": {"type": "object"}},
             ]}),
             "tools/call" if msg["params"]["name"] == "escaped" => {
                 // The credential it was sent, written with JSON escapes (`\/`, `\u0073`).
@@ -90,6 +92,18 @@ async fn upstream(log: Log, sse: bool) -> String {
                 // An answer carrying another request's id.
                 let other = id.as_u64().unwrap() + 1000;
                 let answer = json!({"jsonrpc": "2.0", "id": other, "result": {"content": []}});
+                return ([("content-type", "application/json")], answer.to_string())
+                    .into_response();
+            }
+            "tools/call" if msg["params"]["name"] == "slow" => {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                json!({"content": []})
+            }
+            "tools/call" if msg["params"]["name"] == "quoting" => {
+                // An error whose text quotes the arguments, as many servers' validation errors do.
+                let message = format!("invalid value {} for q", msg["params"]["arguments"]["q"]);
+                let answer = json!({"jsonrpc": "2.0", "id": id,
+                    "error": {"code": -32602, "message": message}});
                 return ([("content-type", "application/json")], answer.to_string())
                     .into_response();
             }
@@ -333,7 +347,9 @@ async fn tools_are_listed_with_prefixes_and_filtered_by_policy() {
                 "up__echo",
                 "up__junk",
                 "up__escaped",
-                "up__misdirected"
+                "up__misdirected",
+                "up__slow",
+                "up__quoting"
             ],
             "sse={sse}"
         );
@@ -975,4 +991,108 @@ async fn unknown_resources_and_prompt_completions_look_like_denied_ones() {
         .bodies
         .iter()
         .all(|b| b["method"] != "completion/complete"));
+}
+
+/// Log lines written on this thread while the guard lives (text format, no colours).
+fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+    #[derive(Clone)]
+    struct Writer(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Writer {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Arc::new(Mutex::new(Vec::new()));
+    let writer = Writer(buffer.clone());
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (buffer, tracing::subscriber::set_default(subscriber))
+}
+
+fn audit_lines(buffer: &Arc<Mutex<Vec<u8>>>) -> Vec<String> {
+    String::from_utf8(buffer.lock().unwrap().clone())
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("tool call"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A call that was forwarded and then dropped (the agent went away, or the grace period at
+/// shutdown ran out) may have had its effect: it gets its record all the same.
+#[tokio::test]
+async fn a_call_dropped_while_with_the_upstream_is_recorded_as_abandoned() {
+    let (buffer, _guard) = capture_logs();
+    let log = Log::default();
+    let url = upstream(log.clone(), false).await;
+    let app = proxy(&url, Duration::from_secs(120));
+    let pending = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, call(1, "up__slow", json!({"n": 1})), &[]).await }
+    });
+    let forwarded = || {
+        log.lock()
+            .unwrap()
+            .bodies
+            .iter()
+            .any(|b| b["params"]["name"] == "slow")
+    };
+    let started = std::time::Instant::now();
+    while !forwarded() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never forwarded"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        audit_lines(&buffer).is_empty(),
+        "no record while the call runs"
+    );
+    pending.abort();
+    assert!(pending.await.is_err());
+    tokio::task::yield_now().await;
+    let lines = audit_lines(&buffer);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("tool=\"up__slow\""), "{}", lines[0]);
+    assert!(lines[0].contains("decision=\"allow\""), "{}", lines[0]);
+    assert!(lines[0].contains(super::audit::ABANDONED), "{}", lines[0]);
+
+    // Refused before anything was forwarded: one record, not abandoned.
+    let (_, _, body) = send(&app, call(2, "up__hidden", json!({})), &[]).await;
+    assert_eq!(body["result"]["isError"], true);
+    tokio::task::yield_now().await;
+    let lines = audit_lines(&buffer);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[1].contains("decision=\"deny\""), "{}", lines[1]);
+}
+
+/// An upstream's error text may quote the arguments: the agent gets it (without the
+/// credential), the audit record only its code.
+#[tokio::test]
+async fn upstream_error_texts_stay_out_of_the_audit_record() {
+    let (buffer, _guard) = capture_logs();
+    let log = Log::default();
+    let url = upstream(log.clone(), false).await;
+    let app = proxy(&url, Duration::from_secs(10));
+    let value = "value-that-must-not-be-logged";
+    let (_, _, body) = send(&app, call(1, "up__quoting", json!({"q": value})), &[]).await;
+    assert_eq!(body["error"]["code"], -32602, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains(value));
+    tokio::task::yield_now().await;
+    let lines = audit_lines(&buffer);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(!lines[0].contains(value), "{}", lines[0]);
+    assert!(
+        lines[0].contains("reason=\"the upstream answered error -32602\""),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[0].contains("is_error=true"), "{}", lines[0]);
 }

@@ -284,7 +284,8 @@ impl Upstream {
     }
 
     /// Sends one request for the agent: the upstream's answer under the agent's id `id` (the
-    /// upstream's own id is never the agent's), or an internal error saying why there is none.
+    /// upstream's own id is never the agent's), or an internal error saying why there is none,
+    /// with that reason apart for the audit record.
     pub async fn answer(
         &self,
         client: &HttpClient,
@@ -292,14 +293,18 @@ impl Upstream {
         id: &Value,
         method: &str,
         params: Value,
-    ) -> Value {
+    ) -> (Value, Option<String>) {
         match self.request(client, limits, method, params).await {
             Ok(mut a) => {
                 a["id"] = id.clone();
-                a
+                (a, None)
             }
-            Err(e) => json!({"jsonrpc": "2.0", "id": id,
-                             "error": {"code": super::mcp::code::INTERNAL_ERROR, "message": e.to_string()}}),
+            Err(e) => {
+                let reason = e.to_string();
+                let answer = json!({"jsonrpc": "2.0", "id": id,
+                    "error": {"code": super::mcp::code::INTERNAL_ERROR, "message": reason}});
+                (answer, Some(reason))
+            }
         }
     }
 
