@@ -224,6 +224,46 @@ impl std::io::Write for Counter {
     }
 }
 
+/// Log lines written on this thread while the guard lives (text format, no colours): what
+/// tests read audit records from.
+#[cfg(test)]
+pub(crate) fn capture_logs() -> (LogBuffer, tracing::subscriber::DefaultGuard) {
+    let buffer = LogBuffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (buffer, tracing::subscriber::set_default(subscriber))
+}
+
+/// Where [`capture_logs`] writes.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl LogBuffer {
+    /// Everything written so far.
+    pub(crate) fn text(&self) -> String {
+        let bytes = self.0.lock().map(|b| b.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+#[cfg(test)]
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut b) = self.0.lock() {
+            b.extend_from_slice(data);
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -245,47 +285,21 @@ mod tests {
     }
 
     mod text_log {
-        use std::sync::{Arc, Mutex};
         use std::time::Instant;
 
-        use super::super::{Agent, Record};
-
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-        impl std::io::Write for Buffer {
-            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(data);
-                Ok(data.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
+        use super::super::{capture_logs, Agent, Record};
 
         #[test]
         fn text_from_upstreams_cannot_forge_a_record_in_the_text_log() {
-            let buffer = Buffer::default();
-            let writer = buffer.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .with_ansi(false)
-                .with_writer(move || writer.clone())
-                .finish();
+            let (buffer, _guard) = capture_logs();
             let agent = Agent::default();
-            tracing::subscriber::with_default(subscriber, || {
-                let mut record = Record::new(&agent, "completion/complete", "d", Instant::now());
-                record.tool = "x\n2026-12-04T00:00:00Z  INFO tool call decision=\"allow\"";
-                record.reason =
-                    "Unknown prompt: x\n2026-12-04T00:00:00Z  INFO tool call decision=\"allow\""
-                        .into();
-                record.emit();
-            });
-            let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+            let mut record = Record::new(&agent, "completion/complete", "d", Instant::now());
+            record.tool = "x\n2026-12-04T00:00:00Z  INFO tool call decision=\"allow\"";
+            record.reason =
+                "Unknown prompt: x\n2026-12-04T00:00:00Z  INFO tool call decision=\"allow\"".into();
+            record.emit();
+            let text = buffer.text();
             assert_eq!(text.lines().count(), 1, "one record, one line: {text}");
-        }
-
-        fn text(buffer: &Buffer) -> String {
-            String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
         }
 
         /// In the proxy's runtime a record is written once the request's task yields (after
@@ -293,13 +307,7 @@ mod tests {
         /// one still waiting when the runtime stops is written then.
         #[test]
         fn records_are_written_after_the_answer_and_never_lost() {
-            let buffer = Buffer::default();
-            let writer = buffer.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .with_ansi(false)
-                .with_writer(move || writer.clone())
-                .finish();
-            let _default = tracing::subscriber::set_default(subscriber);
+            let (buffer, _guard) = capture_logs();
             let agent = Agent::default();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .build()
@@ -311,9 +319,9 @@ mod tests {
                 record.tool = "up__echo";
                 record.reason = "first".into();
                 record.emit();
-                assert_eq!(text(&buffer), "", "nothing written before the task yields");
+                assert_eq!(buffer.text(), "", "nothing written before the task yields");
                 tokio::task::yield_now().await;
-                let written = text(&buffer);
+                let written = buffer.text();
                 assert_eq!(written.lines().count(), 1, "{written}");
                 assert!(written.contains("mcp{request=7}"), "{written}");
                 assert!(written.contains("tool=\"up__echo\""), "{written}");
@@ -321,9 +329,9 @@ mod tests {
                 record.reason = "second".into();
                 record.emit();
             });
-            assert_eq!(text(&buffer).lines().count(), 1);
+            assert_eq!(buffer.text().lines().count(), 1);
             drop(runtime);
-            let written = text(&buffer);
+            let written = buffer.text();
             assert_eq!(written.lines().count(), 2, "{written}");
             assert!(written.contains("reason=\"second\""), "{written}");
         }

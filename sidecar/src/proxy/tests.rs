@@ -15,6 +15,7 @@ use axum::Router;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+use super::audit::{capture_logs, LogBuffer};
 use super::config::ProxyConfig;
 use super::policy::{Agent, ToolPolicy};
 use super::upstream::Limits;
@@ -993,31 +994,9 @@ async fn unknown_resources_and_prompt_completions_look_like_denied_ones() {
         .all(|b| b["method"] != "completion/complete"));
 }
 
-/// Log lines written on this thread while the guard lives (text format, no colours).
-fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
-    #[derive(Clone)]
-    struct Writer(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Writer {
-        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(data);
-            Ok(data.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buffer = Arc::new(Mutex::new(Vec::new()));
-    let writer = Writer(buffer.clone());
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    (buffer, tracing::subscriber::set_default(subscriber))
-}
-
-fn audit_lines(buffer: &Arc<Mutex<Vec<u8>>>) -> Vec<String> {
-    String::from_utf8(buffer.lock().unwrap().clone())
-        .unwrap()
+fn audit_lines(buffer: &LogBuffer) -> Vec<String> {
+    buffer
+        .text()
         .lines()
         .filter(|l| l.contains("tool call"))
         .map(str::to_owned)
