@@ -421,6 +421,9 @@ pub enum StartError {
     /// `--cluster required` and no cluster access.
     #[error("{0}")]
     Cluster(crate::cluster::ClusterError),
+    /// `--cluster required`, and the API server does not answer (or refuses) the first call.
+    #[error("--cluster required, but the API server does not answer: {0}")]
+    Unreachable(String),
     /// Self-managed certificates need cluster access.
     #[error("--certificates self-managed needs cluster access")]
     NoCluster,
@@ -493,6 +496,11 @@ pub async fn start(
     if let Some(network) = &network {
         match network.seed().await {
             Ok(n) => tracing::info!(namespaces = n, "deny-egress NetworkPolicies to keep"),
+            // A configuration is not access: a wrong CA, address or role shows here, and a
+            // webhook that must have the cluster does not start (and report ready) without it.
+            Err(e) if matches!(config.cluster, ClusterAccess::Required) => {
+                return Err(StartError::Unreachable(e.to_string()));
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list existing deny-egress NetworkPolicies")
             }

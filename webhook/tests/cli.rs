@@ -227,3 +227,49 @@ fn serve_refuses_to_start_on_a_broken_policy_naming_file_and_line() {
     assert!(err.contains("policy.rego:4"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--cluster required` with a kubeconfig whose API server does not answer: the webhook does not
+/// start (it used to start, and report ready, with only a warning).
+#[test]
+fn serve_with_cluster_required_refuses_to_start_when_the_api_does_not_answer() {
+    let dir = std::env::temp_dir().join(format!("agentvm-cli-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    // Port 9 (discard) on loopback: nothing listens there.
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: \
+         http://127.0.0.1:9\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\n\
+         current-context: c\nusers:\n- name: u\n  user: {}\n",
+    )
+    .unwrap();
+    let p = dir.to_str().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_agentvm"))
+        .args([
+            "serve",
+            "--cluster",
+            "required",
+            "--certificates",
+            "files",
+            "--tls-cert",
+            p,
+            "--tls-key",
+            p,
+            "--listen",
+            "127.0.0.1:0",
+            "--probe-listen",
+            "127.0.0.1:0",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("AGENTVM_LOG_LEVEL", "error")
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--cluster required, but the API server does not answer"),
+        "{err}"
+    );
+}
