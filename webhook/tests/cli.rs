@@ -196,6 +196,24 @@ fn policy_test_reports_failures_with_file_line_and_rule() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `serve` with `extra`, files from `tls` as certificate and key (the tests stop before they
+/// are read), and ports the system picks.
+fn serve_args<'a>(tls: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["serve"];
+    args.extend_from_slice(extra);
+    args.extend([
+        "--tls-cert",
+        tls,
+        "--tls-key",
+        tls,
+        "--listen",
+        "127.0.0.1:0",
+        "--probe-listen",
+        "127.0.0.1:0",
+    ]);
+    args
+}
+
 #[test]
 fn serve_refuses_to_start_on_a_broken_policy_naming_file_and_line() {
     let dir = std::env::temp_dir().join(format!("agentvm-cli-serve-{}", std::process::id()));
@@ -206,22 +224,7 @@ fn serve_refuses_to_start_on_a_broken_policy_naming_file_and_line() {
     )
     .unwrap();
     let p = dir.to_str().unwrap();
-    let out = agentvm(
-        &[
-            "serve",
-            "--policies",
-            p,
-            "--tls-cert",
-            p,
-            "--tls-key",
-            p,
-            "--listen",
-            "127.0.0.1:0",
-            "--probe-listen",
-            "127.0.0.1:0",
-        ],
-        None,
-    );
+    let out = agentvm(&serve_args(p, &["--policies", p]), None);
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("policy.rego:4"), "{err}");
@@ -245,21 +248,10 @@ fn serve_with_cluster_required_refuses_to_start_when_the_api_does_not_answer() {
     .unwrap();
     let p = dir.to_str().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_agentvm"))
-        .args([
-            "serve",
-            "--cluster",
-            "required",
-            "--certificates",
-            "files",
-            "--tls-cert",
+        .args(serve_args(
             p,
-            "--tls-key",
-            p,
-            "--listen",
-            "127.0.0.1:0",
-            "--probe-listen",
-            "127.0.0.1:0",
-        ])
+            &["--cluster", "required", "--certificates", "files"],
+        ))
         .env("KUBECONFIG", &kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env("AGENTVM_LOG_LEVEL", "error")

@@ -3,6 +3,7 @@
 //! `agentvm::audit` (a JSON line with `--log-format json`). Argument values never appear: only
 //! their SHA-256.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
@@ -13,7 +14,7 @@ use super::policy::Agent;
 #[derive(Debug)]
 pub struct Record<'a> {
     /// The caller.
-    pub agent: &'a Agent,
+    pub agent: &'a Arc<Agent>,
     /// The MCP method (`tools/call`, `prompts/get`, `resources/read`, ...).
     pub method: &'a str,
     /// Tool or prompt name as the agent sent it; empty for resources.
@@ -104,7 +105,12 @@ impl<'a> Record<'a> {
     }
 
     /// A record for `method` on `tool` (or `uri`), not yet decided.
-    pub fn new(agent: &'a Agent, method: &'a str, args_digest: &'a str, started: Instant) -> Self {
+    pub fn new(
+        agent: &'a Arc<Agent>,
+        method: &'a str,
+        args_digest: &'a str,
+        started: Instant,
+    ) -> Self {
         Self {
             agent,
             method,
@@ -138,7 +144,7 @@ impl Drop for Record<'_> {
 
 /// A record's fields, owned, written when dropped.
 struct Written {
-    agent: Agent,
+    agent: Arc<Agent>,
     method: String,
     tool: String,
     uri: String,
@@ -292,7 +298,7 @@ mod tests {
         #[test]
         fn text_from_upstreams_cannot_forge_a_record_in_the_text_log() {
             let (buffer, _guard) = capture_logs();
-            let agent = Agent::default();
+            let agent = std::sync::Arc::new(Agent::default());
             let mut record = Record::new(&agent, "completion/complete", "d", Instant::now());
             record.tool = "x\n2026-12-04T00:00:00Z  INFO tool call decision=\"allow\"";
             record.reason =
@@ -308,7 +314,7 @@ mod tests {
         #[test]
         fn records_are_written_after_the_answer_and_never_lost() {
             let (buffer, _guard) = capture_logs();
-            let agent = Agent::default();
+            let agent = std::sync::Arc::new(Agent::default());
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .build()
                 .unwrap();

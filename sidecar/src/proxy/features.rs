@@ -261,6 +261,14 @@ fn refuse(
     answer
 }
 
+/// Records that looking up what an upstream offers failed (`e`, the proxy's own account), and
+/// returns the internal error the agent gets for it.
+fn lookup_failed(record: &mut audit::Record<'_>, id: &Value, e: &impl std::fmt::Display) -> Value {
+    record.is_error = Some(true);
+    let answer = error(id, code::INTERNAL_ERROR, &e.to_string());
+    refuse(record, "unknown", e.to_string(), answer)
+}
+
 /// Records a refusal and returns the answer for it, unless `upstream` offers `own` of `kind`
 /// (by its listing, listed again when stale).
 async fn unless_offered(
@@ -280,11 +288,7 @@ async fn unless_offered(
             "the upstream does not offer it".into(),
             unknown,
         )),
-        Err(e) => {
-            record.is_error = Some(true);
-            let answer = error(id, code::INTERNAL_ERROR, &e.to_string());
-            Some(refuse(record, "unknown", e.to_string(), answer))
-        }
+        Err(e) => Some(lookup_failed(record, id, &e)),
     }
 }
 
@@ -399,11 +403,7 @@ async fn decide_resource(
                 unknown,
             )
         }
-        Err(e) => {
-            record.is_error = Some(true);
-            let answer = error(id, code::INTERNAL_ERROR, &e.to_string());
-            return refuse(&mut record, "unknown", e.to_string(), answer);
-        }
+        Err(e) => return lookup_failed(&mut record, id, &e),
     };
     let upstream = &routes.upstreams[index];
     record.upstream = &upstream.config.name;
@@ -511,8 +511,7 @@ pub async fn complete(state: &Arc<ProxyState>, id: &Value, params: &Value) -> Va
                             .await
                     };
                     if let Err(e) = refreshed.await {
-                        let answer = error(id, code::INTERNAL_ERROR, &e.to_string());
-                        return refuse(&mut record, "unknown", e.to_string(), answer);
+                        return lookup_failed(&mut record, id, &e);
                     }
                 }
                 index = routes.upstreams.iter().position(|u| offers(u));

@@ -40,8 +40,8 @@ pub struct ProxySettings {
 /// Shared state.
 #[derive(Debug)]
 pub struct ProxyState {
-    /// The calling agent.
-    pub agent: Agent,
+    /// The calling agent (shared with the audit records written after each answer).
+    pub agent: Arc<Agent>,
     /// The tool policy in force.
     pub policy: Arc<Reloadable<ToolPolicy>>,
     /// What the config file says, reloaded when it changes.
@@ -70,7 +70,7 @@ impl ProxyState {
         settings: ProxySettings,
     ) -> Self {
         Self {
-            agent: settings.agent,
+            agent: Arc::new(settings.agent),
             policy,
             routes: Arc::new(Reloadable::new(Routes::new(config, None))),
             client: upstream::http_client(),
